@@ -1,0 +1,19 @@
+"""Triton kernels of the hot path, each beside its plain-PyTorch reference (import as stt_fast.kernels)."""
+
+from .add_layer_norm import add_layer_norm
+from .add_layer_norm_reference import add_layer_norm_reference
+from .contract import MODES, check_attention_inputs
+from .st_attention import HAS_TRITON, SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, st_attention
+from .st_attention_reference import st_attention_reference
+
+__all__ = [
+    "HAS_TRITON",
+    "MODES",
+    "SUPPORTED_DTYPES",
+    "SUPPORTED_HEAD_DIMS",
+    "add_layer_norm",
+    "add_layer_norm_reference",
+    "check_attention_inputs",
+    "st_attention",
+    "st_attention_reference",
+]

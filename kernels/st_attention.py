@@ -1,0 +1,320 @@
+"""st_attention: STT's three attention groupings fused with their softmax in one Triton kernel.
+
+For each group of tokens (stt_fast.layout): O = softmax(scale * Q K^T) V, computed FlashAttention-style:
+the score matrix stays in registers, the softmax is computed online in float32 (running max m, running
+sum l, exp2 with log2(e) folded into the scale), and only O is written. q, k and v are read where they
+lie, through their strides, typically as views of the packed [B, L, 3, H, Dh] qkv projection: no
+permute, no contiguous copy, no repeated cls token. The output is a new contiguous [B, L, H, Dh] tensor
+(or ``out``), exactly what the output projection reads.
+
+How each mode maps onto programs (grid = (programs per (batch, head), B * H)):
+
+- joint: one group of L tokens per (b, h) (L = 785 at the paper's shape). Program i takes query rows
+  [i * BLOCK_M, (i + 1) * BLOCK_M) and streams all L keys in BLOCK_N steps: the FlashAttention-2
+  regime, where the long key loop is what the pipeline overlaps.
+- spatial: T groups of 1 + N keys per (b, h) (cls + one frame; 50 keys). Program 1 + t * tiles + i
+  takes frame t's patch rows [i * BLOCK_M, ...) against the cls key and the frame's N keys; the row
+  of key j is 0 for j = 0 and 1 + t * N + (j - 1) otherwise, so the cls token is read in place for
+  every frame, never copied. Program 0 is the cls program: it attends the cls query to each frame's
+  keys in turn (a 16-row tile of the repeated cls query, CLS_BLOCK_M) and stores the mean over
+  frames, so the mean needs no second launch and no atomics.
+- temporal: N groups of T keys per (b, h) (one grid position across frames; 16 keys, B * 49 * H
+  tiny groups). Program n takes rows 1 + t * N + n, a gather with stride N rows; program 0 also writes
+  the zero cls row.
+
+Precision: float32 accumulation and softmax for every input dtype. float32 inputs use IEEE products
+(input_precision="ieee"), not TF32, so float32 results match the float64 reference to ~1e-7.
+Triton's interpreter (TRITON_INTERPRET=1, used by the CPU tests) has no bfloat16 arithmetic (numpy
+has no bfloat16), so there the bfloat16 operands, already rounded to bfloat16, are widened to float32
+before each product: the same products the tensor cores form, accumulated in float32.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from .contract import check_attention_inputs
+from .st_attention_configs import CLS_BLOCK_M, LaunchConfig, fitting
+from .st_attention_reference import st_attention_reference
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - triton is a dependency on Linux x86-64 only
+    HAS_TRITON = False
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+MODE_IDS = {"joint": 0, "spatial": 1, "temporal": 2}
+MAX_GRID_Y = 65535  # CUDA's limit on the second grid dimension, which holds B * H
+LOG2_E = 1.4426950408889634
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run through its CPU interpreter (decided when triton was imported)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _key_rows(j, first, step, HAS_CLS: tl.constexpr):
+        # Row of the j-th key of a group. With HAS_CLS (spatial), key 0 is the cls token (row 0).
+        if HAS_CLS:
+            return tl.where(j == 0, 0, first + (j - 1) * step)
+        else:
+            return first + j * step
+
+    @triton.jit
+    def _attend_group(q, k_base, v_base, stride_kl, stride_kd, stride_vl, stride_vd,
+                      key_first, key_step, key_count, qk_scale,
+                      HAS_CLS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      HEAD_DIM: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
+        """softmax(q K^T * scale) V over one group's keys, online: q [BLOCK_M, HEAD_DIM] -> fp32."""
+        offs_d = tl.arange(0, HEAD_DIM)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+        for start in range(0, key_count, BLOCK_N):
+            offs_j = start + tl.arange(0, BLOCK_N)
+            valid = offs_j < key_count
+            rows = _key_rows(offs_j, key_first, key_step, HAS_CLS)
+            k_t = tl.load(k_base + rows[None, :] * stride_kl + offs_d[:, None] * stride_kd,
+                          mask=valid[None, :], other=0.0)
+            v = tl.load(v_base + rows[:, None] * stride_vl + offs_d[None, :] * stride_vd,
+                        mask=valid[:, None], other=0.0)
+            if DOT_FP32:
+                k_t = k_t.to(tl.float32)
+            s = tl.dot(q, k_t, input_precision=PRECISION) * qk_scale
+            s = tl.where(valid[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.math.exp2(m_i - m_new)
+            p = tl.math.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            p = p.to(v.dtype)
+            if DOT_FP32:
+                p = p.to(tl.float32)
+                v = v.to(tl.float32)
+            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PRECISION)
+            m_i = m_new
+        return acc / l_i[:, None]
+
+    @triton.jit
+    def _attend_tile(q_base, k_base, v_base, o_base, stride_ql, stride_qd, stride_kl, stride_kd,
+                     stride_vl, stride_vd, stride_ol, q_rows, q_valid, key_first, key_step, key_count,
+                     qk_scale, HAS_CLS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     HEAD_DIM: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
+        """Load one tile of query rows, attend it to its group's keys, store its output rows."""
+        offs_d = tl.arange(0, HEAD_DIM)
+        q = tl.load(q_base + q_rows[:, None] * stride_ql + offs_d[None, :] * stride_qd,
+                    mask=q_valid[:, None], other=0.0)
+        if DOT_FP32:
+            q = q.to(tl.float32)
+        out = _attend_group(q, k_base, v_base, stride_kl, stride_kd, stride_vl, stride_vd,
+                            key_first, key_step, key_count, qk_scale,
+                            HAS_CLS, BLOCK_M, BLOCK_N, HEAD_DIM, DOT_FP32, PRECISION)
+        tl.store(o_base + q_rows[:, None] * stride_ol + offs_d[None, :], out.to(o_base.dtype.element_ty),
+                 mask=q_valid[:, None])
+
+    @triton.jit
+    def _spatial_cls_row(q_base, k_base, v_base, o_base, stride_ql, stride_qd, stride_kl, stride_kd,
+                         stride_vl, stride_vd, T, N, qk_scale,
+                         CLS_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                         DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
+        """The cls row of spatial mode: the mean over frames of the cls query attending {cls} + frame t."""
+        offs_d = tl.arange(0, HEAD_DIM)
+        rows = tl.arange(0, CLS_BLOCK)
+        q = tl.load(q_base + (rows * 0)[:, None] * stride_ql + offs_d[None, :] * stride_qd)
+        if DOT_FP32:
+            q = q.to(tl.float32)
+        total = tl.zeros([CLS_BLOCK, HEAD_DIM], tl.float32)
+        for t in range(0, T):
+            total += _attend_group(q, k_base, v_base, stride_kl, stride_kd, stride_vl, stride_vd,
+                                   1 + t * N, 1, N + 1, qk_scale,
+                                   True, CLS_BLOCK, BLOCK_N, HEAD_DIM, DOT_FP32, PRECISION)
+        tl.store(o_base + (rows * 0)[:, None] + offs_d[None, :], (total / T).to(o_base.dtype.element_ty),
+                 mask=(rows == 0)[:, None])
+
+    @triton.jit
+    def _st_attention_kernel(
+        Q, K, V, O,
+        stride_qb, stride_ql, stride_qh, stride_qd,
+        stride_kb, stride_kl, stride_kh, stride_kd,
+        stride_vb, stride_vl, stride_vh, stride_vd,
+        stride_ob, stride_ol, stride_oh,
+        H, L, T, N, qk_scale,
+        MODE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        CLS_BLOCK: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        q_base = Q + b * stride_qb + h * stride_qh
+        k_base = K + b * stride_kb + h * stride_kh
+        v_base = V + b * stride_vb + h * stride_vh
+        o_base = O + b * stride_ob + h * stride_oh
+        offs_m = tl.arange(0, BLOCK_M)
+
+        if MODE == 1:  # spatial: program 0 is the cls row, then frame-major query tiles
+            if pid == 0:
+                _spatial_cls_row(q_base, k_base, v_base, o_base, stride_ql, stride_qd, stride_kl, stride_kd,
+                                 stride_vl, stride_vd, T, N, qk_scale,
+                                 CLS_BLOCK, BLOCK_N, HEAD_DIM, DOT_FP32, PRECISION)
+            else:
+                tiles = tl.cdiv(N, BLOCK_M)
+                frame = (pid - 1) // tiles
+                i = ((pid - 1) % tiles) * BLOCK_M + offs_m
+                _attend_tile(q_base, k_base, v_base, o_base, stride_ql, stride_qd, stride_kl, stride_kd,
+                             stride_vl, stride_vd, stride_ol, 1 + frame * N + i, i < N,
+                             1 + frame * N, 1, N + 1, qk_scale,
+                             True, BLOCK_M, BLOCK_N, HEAD_DIM, DOT_FP32, PRECISION)
+        elif MODE == 2:  # temporal: position-major query tiles, rows strided by N
+            tiles = tl.cdiv(T, BLOCK_M)
+            position = pid // tiles
+            i = (pid % tiles) * BLOCK_M + offs_m
+            _attend_tile(q_base, k_base, v_base, o_base, stride_ql, stride_qd, stride_kl, stride_kd,
+                         stride_vl, stride_vd, stride_ol, 1 + i * N + position, i < T,
+                         1 + position, N, T, qk_scale,
+                         False, BLOCK_M, BLOCK_N, HEAD_DIM, DOT_FP32, PRECISION)
+            if pid == 0:  # the cls token takes no part: its row is zero
+                offs_d = tl.arange(0, HEAD_DIM)
+                tl.store(o_base + offs_d, tl.zeros([HEAD_DIM], tl.float32).to(O.dtype.element_ty))
+        else:  # joint: one sequence of L tokens
+            i = pid * BLOCK_M + offs_m
+            _attend_tile(q_base, k_base, v_base, o_base, stride_ql, stride_qd, stride_kl, stride_kd,
+                         stride_vl, stride_vd, stride_ol, i, i < L,
+                         0, 1, L, qk_scale,
+                         False, BLOCK_M, BLOCK_N, HEAD_DIM, DOT_FP32, PRECISION)
+
+    def _prune(configs, named_args, **kwargs):
+        mode = kwargs["MODE"]
+        name = {0: "joint", 1: "spatial", 2: "temporal"}[mode]
+        query_len, key_len = _group_lengths(name, named_args["L"], named_args["T"], named_args["N"])
+        allowed = set(fitting(name, query_len, key_len))
+        kept = [c for c in configs
+                if LaunchConfig(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in allowed]
+        return kept or configs[-1:]
+
+    def _autotuned(mode: str):
+        from .st_attention_configs import CANDIDATES
+
+        configs = [triton.Config({"BLOCK_M": c.block_m, "BLOCK_N": c.block_n}, num_warps=c.num_warps,
+                                 num_stages=c.num_stages) for c in CANDIDATES[mode]]
+        return triton.autotune(configs=configs, key=["L", "T", "N", "MODE", "HEAD_DIM"],
+                               prune_configs_by={"early_config_prune": _prune})(_st_attention_kernel)
+
+    _TUNED = {}
+
+
+def _group_lengths(mode: str, length: int, frames: int, patches: int) -> tuple[int, int]:
+    """(query rows, key rows) of one group of a mode."""
+    if mode == "joint":
+        return length, length
+    if mode == "spatial":
+        return patches, patches + 1
+    return frames, frames
+
+
+def _programs_per_head(mode: str, length: int, frames: int, patches: int, block_m: int) -> int:
+    if mode == "joint":
+        return triton.cdiv(length, block_m)
+    if mode == "spatial":
+        return 1 + frames * triton.cdiv(patches, block_m)
+    return patches * triton.cdiv(frames, block_m)
+
+
+def check_kernel_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, num_frames: int, mode: str):
+    """The contract (kernels/contract.py) plus the kernel's own limits on dtype and head dim."""
+    shape = check_attention_inputs(q, k, v, num_frames=num_frames, mode=mode)
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"st_attention supports {[str(d) for d in SUPPORTED_DTYPES]}, got {q.dtype}")
+    if shape.head_dim not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"st_attention supports head dims {SUPPORTED_HEAD_DIMS}, got {shape.head_dim}")
+    return shape
+
+
+def _launch(q, k, v, out, shape, mode: str, scale: float) -> None:
+    length, frames, patches = shape.length, shape.num_frames, shape.num_patches
+    interp = q.device.type == "cpu"
+    args = dict(
+        H=shape.heads, L=length, T=frames, N=patches, qk_scale=scale * LOG2_E,
+        MODE=MODE_IDS[mode], HEAD_DIM=shape.head_dim, CLS_BLOCK=CLS_BLOCK_M,
+        DOT_FP32=interp and q.dtype == torch.bfloat16,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+    )
+    # B * H rides on grid axis 1 (limit 65535): very large batches go in chunks of whole clips.
+    per_launch = max(1, MAX_GRID_Y // shape.heads)
+    for b0 in range(0, shape.batch, per_launch):
+        b1 = min(shape.batch, b0 + per_launch)
+        tensors = [t[b0:b1] for t in (q, k, v, out)]
+        strides = [s for t in tensors[:3] for s in t.stride()] + list(tensors[3].stride()[:3])
+        bh = (b1 - b0) * shape.heads
+        if interp:
+            # The interpreter runs programs one by one in Python: no autotuning, the first fitting
+            # candidate (the table lists the preferred one first).
+            query_len, key_len = _group_lengths(mode, length, frames, patches)
+            cfg = fitting(mode, query_len, key_len)[0]
+            grid = (_programs_per_head(mode, length, frames, patches, cfg.block_m), bh)
+            _st_attention_kernel[grid](*tensors, *strides, **args, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                                       num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        else:
+            kernel = _TUNED.get(mode)
+            if kernel is None:
+                kernel = _TUNED[mode] = _autotuned(mode)
+
+            def grid(meta, bh=bh):
+                return (_programs_per_head(mode, length, frames, patches, meta["BLOCK_M"]), bh)
+
+            kernel[grid](*tensors, *strides, **args)
+
+
+def st_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, num_frames: int, mode: str,
+                 scale: float | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Fused spatio-temporal attention (see the module docstring and ../shared/DESIGN.md).
+
+    q, k, v: [B, L, H, Dh], any strides, same dtype (float16, bfloat16, float32) and device;
+    L = 1 + num_frames * N; Dh in (16, 32, 64, 128). mode: "joint", "spatial" or "temporal".
+    scale defaults to Dh ** -0.5. out: optional contiguous [B, L, H, Dh] tensor of q's dtype to write
+    into (every element is written). Returns the contiguous [B, L, H, Dh] result.
+
+    Runs the Triton kernel on CUDA; on the CPU it runs through Triton's interpreter when
+    TRITON_INTERPRET=1 was set before triton was imported, and otherwise falls back to
+    st_attention_reference. Bad input raises ValueError naming the problem.
+    """
+    shape = check_kernel_inputs(q, k, v, num_frames=num_frames, mode=mode)
+    scale = shape.head_dim**-0.5 if scale is None else float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {tuple(q.shape)} {q.dtype} tensor on {q.device}")
+    if torch.compiler.is_compiling():
+        # torch.compile / torch.export see one opaque op (registered below) instead of a launch.
+        return torch.ops.stt_fast.st_attention(q, k, v, num_frames, mode, scale)
+    if q.device.type == "cpu" and not (HAS_TRITON and interpreting()):
+        return out.copy_(st_attention_reference(q, k, v, num_frames=num_frames, mode=mode, scale=scale))
+    if not HAS_TRITON:
+        raise RuntimeError("st_attention on a GPU needs the 'triton' package")
+    if q.device.type != "cuda" and q.device.type != "cpu":
+        raise ValueError(f"st_attention runs on CUDA (or the CPU), got device {q.device}")
+    _launch(q, k, v, out, shape, mode, scale)
+    return out
+
+
+@torch.library.custom_op("stt_fast::st_attention", mutates_args=())
+def _st_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_frames: int, mode: str,
+                     scale: float) -> torch.Tensor:
+    """torch.ops.stt_fast.st_attention: st_attention as one op for torch.compile and torch.export."""
+    return st_attention(q, k, v, num_frames=num_frames, mode=mode, scale=scale)
+
+
+@_st_attention_op.register_fake
+def _(q, k, v, num_frames, mode, scale):
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device)

@@ -1,0 +1,1 @@
+"""Data: clip sampling, transforms, DFEW/AFEW-layout data sets, video decoding, synthetic faces."""
