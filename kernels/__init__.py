@@ -5,6 +5,7 @@ from .add_layer_norm_reference import add_layer_norm_reference
 from .contract import MODES, check_attention_inputs
 from .st_attention import HAS_TRITON, SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, st_attention
 from .st_attention_reference import st_attention_reference
+from .st_attention_sdpa import st_attention_sdpa
 
 __all__ = [
     "HAS_TRITON",
@@ -16,4 +17,5 @@ __all__ = [
     "check_attention_inputs",
     "st_attention",
     "st_attention_reference",
+    "st_attention_sdpa",
 ]

@@ -12,6 +12,7 @@ from .checkpoint import (
     load_torchvision_resnet18,
     save_checkpoint,
 )
+from .compiler import CompiledSTT, ValidationError, compile
 from .config import EMOTIONS, PRESETS, STTConfig, get_config
 from .loss import CompactSoftmaxCrossEntropy
 from .model import STT
@@ -24,7 +25,10 @@ __all__ = [
     "STT",
     "CheckpointError",
     "CompactSoftmaxCrossEntropy",
+    "CompiledSTT",
     "STTConfig",
+    "ValidationError",
+    "compile",
     "get_config",
     "load_checkpoint",
     "load_torchvision_resnet18",
