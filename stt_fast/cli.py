@@ -58,6 +58,41 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from stt_fast.export.pipeline import export_checkpoint
+
+    graphs = export_checkpoint(args.checkpoint, args.output, fp16=args.fp16, opset=args.opset, batch=args.batch,
+                               input_dtype="uint8" if args.uint8 else "float32", attention_op=args.attention_op,
+                               simplify=not args.no_simplify)
+    return 0 if all(g.passed for g in graphs) else 1
+
+
+def _cmd_build(args: argparse.Namespace) -> int:
+    from stt_fast.export.pipeline import build_from_onnx
+
+    sidecar = build_from_onnx(args.onnx, args.output, checkpoint=args.checkpoint, batch=args.batch,
+                              workspace_gib=args.workspace_gib, optimization_level=args.opt_level,
+                              timing_cache=args.timing_cache, version_compatible=args.version_compatible,
+                              hardware_compatibility="ampere_plus" if args.hardware_compatible else "none")
+    return 0 if sidecar["accuracy"] is None or sidecar["accuracy"]["passed"] else 1
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from stt_fast.export.pipeline import check_engine
+
+    return 0 if check_engine(args.engine, args.checkpoint).passed else 1
+
+
+def _cmd_triton_repo(args: argparse.Namespace) -> int:
+    from stt_fast.export.triton_server import write_triton_repository
+
+    path = write_triton_repository(args.model, args.output, name=args.name, max_batch_size=args.max_batch,
+                                   max_queue_delay_us=args.max_queue_delay_us, instances=args.instances,
+                                   overwrite=args.overwrite)
+    print(f"[triton-repo] wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stt-fast", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -66,6 +101,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=DEFAULT_PRESET, choices=sorted(PRESETS))
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser("export", help="checkpoint -> ONNX (simplified; --fp16 adds the FP16 graph), with parity")
+    p.add_argument("checkpoint")
+    p.add_argument("-o", "--output", required=True, help="the float32 graph, e.g. model.onnx")
+    p.add_argument("--fp16", action="store_true", help="also write MODEL.fp16.onnx for FP16 TensorRT engines")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 18; 23 with --attention-op)")
+    p.add_argument("--batch", default="1:8:64", help="MIN:OPT:MAX batch profile recorded for the build")
+    p.add_argument("--uint8", action="store_true", help="take uint8 clips (0-255) instead of float32")
+    p.add_argument("--attention-op", action="store_true", help="ONNX Attention op (TensorRT >= 10.14)")
+    p.add_argument("--no-simplify", action="store_true")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("build", help="ONNX -> TensorRT engine (+ JSON sidecar)")
+    p.add_argument("onnx")
+    p.add_argument("-o", "--output", required=True, help="engine file, e.g. model.engine")
+    p.add_argument("--checkpoint", help="measure the engine against this checkpoint after the build")
+    p.add_argument("--batch", default=None, help="MIN:OPT:MAX (default: the range recorded at export)")
+    p.add_argument("--workspace-gib", type=float, default=4.0)
+    p.add_argument("--opt-level", type=int, default=3, help="builder optimization level 0-5")
+    p.add_argument("--timing-cache", default=None, help="timing cache file, loaded and saved")
+    p.add_argument("--version-compatible", action="store_true")
+    p.add_argument("--hardware-compatible", action="store_true", help="runs on any Ampere or newer GPU")
+    p.set_defaults(func=_cmd_build)
+
+    p = sub.add_parser("check", help="an engine against the reference model of a checkpoint")
+    p.add_argument("engine")
+    p.add_argument("checkpoint")
+    p.set_defaults(func=_cmd_check)
+
+    p = sub.add_parser("triton-repo", help="write a Triton Inference Server model repository")
+    p.add_argument("model", help="a TensorRT engine (with its sidecar) or an ONNX file")
+    p.add_argument("-o", "--output", required=True, help="repository folder")
+    p.add_argument("--name", default="stt")
+    p.add_argument("--max-batch", type=int, default=None)
+    p.add_argument("--max-queue-delay-us", type=int, default=2000)
+    p.add_argument("--instances", type=int, default=1)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_cmd_triton_repo)
     return parser
 
 
@@ -74,7 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
         print(f"stt-fast {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -41,19 +41,21 @@ class AbsorbedClsAttention(nn.Module):
         self.b_v = nn.Parameter(bias[2 * dim:].view(num_heads, head_dim).clone())  # [H, Dh]
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
+        # Plain (broadcast) matrix products only, so that exported graphs hold MatMul, not Einsum.
         batch = h.shape[0]
-        q = self.q(h[:, 0]).view(batch, self.num_heads, -1)  # [B, H, Dh]
-        u = torch.einsum("bhd,hdc->bhc", q, self.w_k) * self.scale  # [B, H, D]
-        scores = torch.bmm(u, h.transpose(1, 2))  # [B, H, L]; softmax in float32 (or wider)
+        q = self.q(h[:, 0]).view(batch, self.num_heads, 1, -1)  # [B, H, 1, Dh]
+        u = torch.matmul(q, self.w_k).squeeze(2) * self.scale  # [B, H, D]
+        scores = torch.matmul(u, h.transpose(1, 2))  # [B, H, L]; softmax in float32 (or wider)
         scores = scores.to(torch.promote_types(scores.dtype, torch.float32))
         if self.mode == "joint":
-            probs = scores.softmax(dim=-1).to(h.dtype)
-            mixed = torch.bmm(probs, h)  # [B, H, D]
+            mixed = torch.matmul(scores.softmax(dim=-1).to(h.dtype), h)  # [B, H, D]
         else:  # spatial: per frame, {cls} + the frame's tokens; mean over frames
             cls_scores, patch_scores = layout.split_tokens(scores.transpose(1, 2), self.num_frames)
             cls_scores = cls_scores.unsqueeze(1).expand(-1, self.num_frames, -1, -1)  # [B, T, 1, H]
             probs = torch.cat([cls_scores, patch_scores], dim=2).softmax(dim=2).to(h.dtype)  # [B, T, 1+N, H]
             h_cls, h_patches = layout.split_tokens(h, self.num_frames)  # [B, 1, D], [B, T, N, D]
-            mixed = (torch.einsum("bth,bc->bhc", probs[:, :, 0], h_cls[:, 0])
-                     + torch.einsum("btnh,btnc->bhc", probs[:, :, 1:], h_patches)) / self.num_frames
-        return (torch.einsum("bhc,hdc->bhd", mixed, self.w_v) + self.b_v).flatten(1)
+            cls_weight = probs[:, :, 0].sum(dim=1).unsqueeze(-1)  # [B, H, 1]
+            patch_weights = probs[:, :, 1:].permute(0, 3, 1, 2).flatten(2)  # [B, H, T*N]
+            mixed = (cls_weight * h_cls + torch.matmul(patch_weights, h_patches.flatten(1, 2))) / self.num_frames
+        out = torch.matmul(mixed.unsqueeze(2), self.w_v.transpose(1, 2)).squeeze(2)  # [B, H, Dh]
+        return (out + self.b_v).flatten(1)

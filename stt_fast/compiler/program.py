@@ -30,7 +30,7 @@ from stt_fast.model import STT, DividedBlock
 
 from .cls_attention import AbsorbedClsAttention
 from .folding import FoldedTrunk, fold_linear_chain
-from .ops import TorchOps, TritonOps
+from .ops import OPS
 
 
 class _Block(nn.Module):
@@ -63,10 +63,11 @@ class STTProgram(nn.Module):
     """clips [B, T, 3, H, W] (validated, on the program's device) -> logits [B, K] float32."""
 
     def __init__(self, model: STT, *, ops: str = "torch", channels_last: bool = True) -> None:
+        """ops: "torch", "triton", "export" or "export-attention-op" (stt_fast.compiler.ops)."""
         super().__init__()
         config: STTConfig = model.config
         self.config = config
-        self.ops = {"torch": TorchOps, "triton": TritonOps}[ops]
+        self.ops = OPS[ops]
         self.channels_last = channels_last
         self.backbone = FoldedTrunk(model.backbone)
         dim = config.embed_dim
