@@ -93,6 +93,122 @@ def _cmd_triton_repo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _datasets(args, config, *, train_split: bool):
+    from stt_fast.data.datasets import ClipDataset, class_folder_items, dfew_items
+
+    problems: list[str] = []
+    if args.layout == "dfew":
+        eval_items = dfew_items(args.data, args.fold, "test", skip_missing=train_split, problems=problems)
+        train_items = dfew_items(args.data, args.fold, "train", skip_missing=True, problems=problems) \
+            if train_split else None
+    else:
+        eval_items = class_folder_items(f"{args.data}/{args.eval_split}")
+        train_items = class_folder_items(f"{args.data}/{args.train_split}") if train_split else None
+    for problem in problems:
+        print(f"[data] skipped: {problem}", file=sys.stderr)
+    common = dict(num_frames=config.num_frames, image_size=config.image_size)
+    eval_set = ClipDataset(eval_items, train=False, skip_bad=train_split, **common)
+    if not train_split:
+        return eval_set
+    crop = tuple(float(x) for x in args.crop_scale.split(":"))
+    return ClipDataset(train_items, train=True, skip_bad=True, crop_scale=crop, **common), eval_set
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from stt_fast.checkpoint import load_checkpoint, load_torchvision_resnet18
+    from stt_fast.config import get_config
+    from stt_fast.model import STT
+    from stt_fast.training import TrainOptions, train
+
+    if args.init:
+        model = load_checkpoint(args.init).train()
+    else:
+        model = STT(get_config(args.config))
+    if args.backbone_weights:
+        load_torchvision_resnet18(model, args.backbone_weights)
+    train_set, eval_set = _datasets(args, model.config, train_split=True)
+    options = TrainOptions(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
+                           weight_decay=args.weight_decay, lr_step=args.lr_step, lr_gamma=args.lr_gamma,
+                           lambda_compact=args.lambda_compact, optimizer=args.optimizer,
+                           clip_grad_norm=args.clip_grad, metric=args.metric, workers=args.workers,
+                           amp=not args.no_amp, seed=args.seed)
+    print(f"[train] {len(train_set)} training clips, {len(eval_set)} evaluation clips, config "
+          f"{model.config.to_json()}")
+    history = train(model, train_set, eval_set, options, args.output, device=args.device, resume=args.resume)
+    best = max(history, key=lambda r: r[args.metric])
+    print(f"[train] best epoch {best['epoch']}: WAR {best['war']:.4f}, UAR {best['uar']:.4f}; "
+          f"checkpoint {args.output}/best.safetensors")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from stt_fast.metrics import plot_confusion_matrix
+    from stt_fast.predictors import load_predictor
+    from stt_fast.training import evaluate
+
+    predictor = load_predictor(args.backend, checkpoint=args.checkpoint, onnx=args.onnx, engine=args.engine,
+                               device=args.device)
+    dataset = _datasets(args, predictor.config, train_split=False)
+    result = evaluate(predictor, dataset, batch_size=args.batch_size, workers=args.workers)
+    result["backend"] = predictor.name
+    if args.confusion_png:
+        plot_confusion_matrix(result["confusion_matrix"], args.confusion_png, title=predictor.name)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"{predictor.name}: WAR {result['war']:.4f}  UAR {result['uar']:.4f}  ({result['samples']} clips)")
+        for name, recall in result["per_class_recall"].items():
+            print(f"  {name:9s} recall {recall:.4f}")
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from stt_fast.predict import predict_paths
+    from stt_fast.predictors import load_predictor
+
+    predictor = load_predictor(args.backend, checkpoint=args.checkpoint, onnx=args.onnx, engine=args.engine,
+                               device=args.device)
+    results = predict_paths(args.paths, predictor, detect_face=args.detect_face, batch_size=args.batch_size)
+    for r in results:
+        if args.json:
+            entry = {"label": r["label"], "probabilities": r["probabilities"]}
+            if len(results) > 1:
+                entry = {"path": r["path"], **entry}
+            print(json.dumps(entry))
+        else:
+            top = sorted(r["probabilities"].items(), key=lambda kv: -kv[1])
+            print(f"{r['path']}: {r['label']} ({', '.join(f'{k} {v:.3f}' for k, v in top)})")
+    return 0
+
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from stt_fast.data.synthetic import SynthConfig, write_synthetic_dfew
+
+    config = SynthConfig(clips_per_class=args.clips_per_class, image_size=args.size, min_frames=args.min_frames,
+                         max_frames=args.max_frames, video_fraction=args.video_fraction, seed=args.seed)
+    root = write_synthetic_dfew(args.output, config)
+    print(f"[synth] wrote {7 * args.clips_per_class} clips in the DFEW layout under {root}")
+    return 0
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("data", help="data set root (DFEW layout, or AFEW-style class folders with --layout folders)")
+    p.add_argument("--layout", default="dfew", choices=["dfew", "folders"])
+    p.add_argument("--fold", type=int, default=1, help="DFEW fold 1-5")
+    p.add_argument("--train-split", default="Train", help="folders layout: the training subfolder")
+    p.add_argument("--eval-split", default="Val", help="folders layout: the evaluation subfolder")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workers", type=int, default=None, help="data loader processes (default: up to 4)")
+    p.add_argument("--device", default=None)
+
+
+def _add_backend_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", default="reference", choices=["reference", "compiled", "onnx", "tensorrt"])
+    p.add_argument("--checkpoint", help="an stt_fast checkpoint (reference and compiled backends)")
+    p.add_argument("--onnx", help="an exported ONNX file (onnx backend)")
+    p.add_argument("--engine", help="a TensorRT engine with its sidecar (tensorrt backend)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stt-fast", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -139,6 +255,54 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--instances", type=int, default=1)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_cmd_triton_repo)
+
+    p = sub.add_parser("train", help="train on a DFEW-layout (or class-folder) data set")
+    _add_data_args(p)
+    p.add_argument("-o", "--output", required=True, help="run folder (checkpoints, log, confusion matrix)")
+    p.add_argument("--config", default=DEFAULT_PRESET, choices=sorted(PRESETS))
+    p.add_argument("--init", help="start from this checkpoint (its config wins over --config)")
+    p.add_argument("--backbone-weights", help="torchvision-format ResNet-18 weights for the backbone")
+    p.add_argument("--resume", action="store_true", help="continue the run in --output")
+    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"])
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--lr-step", type=int, default=40, help="decay the lr every this many epochs")
+    p.add_argument("--lr-gamma", type=float, default=0.1)
+    p.add_argument("--lambda-compact", type=float, default=0.1)
+    p.add_argument("--clip-grad", type=float, default=None, help="clip the gradient norm to this")
+    p.add_argument("--crop-scale", default="0.08:1", help="MIN:MAX area of the training crop")
+    p.add_argument("--metric", default="war", choices=["war", "uar"], help="keeps the best checkpoint by this")
+    p.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("eval", help="WAR, UAR, per-class recall of a backend on a labelled set")
+    _add_data_args(p)
+    _add_backend_args(p)
+    p.add_argument("--confusion-png", help="write the confusion matrix as a PNG")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("predict", help="video files or frame folders in, emotions out")
+    p.add_argument("paths", nargs="+")
+    _add_backend_args(p)
+    p.add_argument("--detect-face", action="store_true", help="detect and crop the face (OpenCV)")
+    p.add_argument("--json", action="store_true", help='one {"label": ..., "probabilities": {...}} per path')
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("synth", help="write a synthetic DFER-like data set in the DFEW layout")
+    p.add_argument("output")
+    p.add_argument("--clips-per-class", type=int, default=60)
+    p.add_argument("--size", type=int, default=64, help="frame size in pixels")
+    p.add_argument("--min-frames", type=int, default=6)
+    p.add_argument("--max-frames", type=int, default=24)
+    p.add_argument("--video-fraction", type=float, default=0.15, help="share of clips written as .mp4")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_synth)
     return parser
 
 
@@ -147,7 +311,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:  # BadClipError is a ValueError
         print(f"stt-fast {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

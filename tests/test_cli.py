@@ -9,7 +9,7 @@ def test_info_json(capsys):
     assert main(["info", "--config", "tiny", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["config"]["embed_dim"] == 32
-    assert report["tokens"]["sequence_length"] == 1 + 4 * 4
+    assert report["tokens"]["sequence_length"] == 1 + 4 * 16
     assert report["parameters"] > 0 and report["gflops_per_clip"] > 0
     assert report["environment"]["torch"]
 

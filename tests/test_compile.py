@@ -64,7 +64,7 @@ def test_batch_norm_folding_is_exact():
     x = torch.randn(3, 5, 9, 9, dtype=torch.float64)
     torch.testing.assert_close(fold_conv_bn(conv, bn)(x), bn(conv(x)), rtol=1e-12, atol=1e-12)
     trunk = trained_looking(get_config("tiny")).backbone.double()
-    frames = torch.rand(4, 3, 32, 32, dtype=torch.float64)
+    frames = torch.rand(4, 3, 64, 64, dtype=torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(FoldedTrunk(trunk)(frames), trunk(frames), rtol=1e-10, atol=1e-10)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in FoldedTrunk(trunk).modules())

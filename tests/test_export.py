@@ -253,7 +253,7 @@ def test_triton_repository_from_onnx(exported, tmp_path):
                                                                          "labels.txt"]
     text = (repo / "config.pbtxt").read_text()
     assert 'platform: "onnxruntime_onnx"' in text and "max_batch_size: 32" in text
-    assert "data_type: TYPE_UINT8" in text and "dims: [ 4, 3, 32, 32 ]" in text and "dims: [ 7 ]" in text
+    assert "data_type: TYPE_UINT8" in text and "dims: [ 4, 3, 64, 64 ]" in text and "dims: [ 7 ]" in text
     assert "preferred_batch_size: [ 4, 8, 16, 32 ]" in text and "dynamic_batching" in text
     assert (repo / "labels.txt").read_text().split() == ["Happy", "Sad", "Neutral", "Angry", "Surprise",
                                                          "Disgust", "Fear"]
@@ -289,7 +289,7 @@ def test_tensorrt_build_run_and_check(exported, tmp_path):
                         timing_cache=tmp_path / "timing.cache")
     assert side["accuracy"]["passed"] and (tmp_path / "timing.cache").is_file()
     runner = EngineRunner(engine)
-    clips = torch.rand(6, 4, 3, 32, 32)  # above the profile maximum: runs in chunks
+    clips = torch.rand(6, 4, 3, 64, 64)  # above the profile maximum: runs in chunks
     assert relative_error(runner(clips).cpu(), model(clips)) < tolerance(torch.float16).model
 
 

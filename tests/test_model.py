@@ -112,7 +112,7 @@ def test_a_few_optimizer_steps_reduce_the_loss():
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    assert losses[-1] < 0.5 * losses[0], losses
+    assert losses[-1] < 0.7 * losses[0], losses
 
 
 def test_paper_config_counts():
