@@ -1,4 +1,5 @@
-"""Packaging: the top-level folders kernels/ and export/ install as stt_fast.kernels and stt_fast.export.
+"""Packaging: the top-level folders kernels/, export/ and benchmarks/ install as stt_fast.kernels,
+stt_fast.export and stt_fast.benchmarks (the benchmark code, not its stored results).
 
 Metadata lives in pyproject.toml; only the package mapping is here.
 """
@@ -11,6 +12,7 @@ PACKAGES = {
     "stt_fast.data": "stt_fast/data",
     "stt_fast.kernels": "kernels",
     "stt_fast.export": "export",
+    "stt_fast.benchmarks": "benchmarks",
 }
 
 setup(packages=list(PACKAGES), package_dir=PACKAGES)

@@ -191,6 +191,65 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    if getattr(args, "bench_action", None) == "report":
+        return _cmd_bench_report(args)
+    from stt_fast.benchmarks.harness import DEFAULT_RESULTS, format_table, run_suite
+    from stt_fast.checkpoint import load_checkpoint
+
+    labelled, checkpoint = None, args.checkpoint
+    if args.labelled:
+        from stt_fast.benchmarks.synthetic_model import labelled_test_set, synthetic_checkpoint
+
+        if args.labelled == "synthetic":
+            if checkpoint is None and args.config not in ("tiny", "tiny-joint"):
+                raise ValueError("--labelled synthetic trains a tiny model: use --config tiny (or tiny-joint), "
+                                 "or pass --checkpoint")
+            data, trained = synthetic_checkpoint(args.config)
+            checkpoint = checkpoint or str(trained)
+        else:
+            data = args.labelled
+        if checkpoint is None:
+            raise ValueError("accuracy on a labelled set needs --checkpoint (a model trained for it)")
+        labelled = labelled_test_set(data, load_checkpoint(checkpoint).config, args.fold)
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")] if args.batch_sizes else None
+    backends = args.backends.split(",") if args.backends else None
+    output = None if args.no_save else (args.output or DEFAULT_RESULTS)
+    result, path = run_suite(args.config, batch_sizes=batch_sizes, backends=backends, device=args.device,
+                             checkpoint=checkpoint, labelled=labelled, output_dir=output,
+                             min_seconds=args.min_seconds)
+    print(format_table(result))
+    if path:
+        print(f"[bench] result written to {path}")
+    return 0
+
+
+def _cmd_bench_report(args: argparse.Namespace) -> int:
+    from stt_fast.benchmarks.harness import DEFAULT_RESULTS
+    from stt_fast.benchmarks.report import compare, load_results, write_report
+
+    root = args.results or DEFAULT_RESULTS
+    if args.baseline:
+        current = load_results(args.current or root)
+        if not current:
+            raise ValueError(f"no benchmark results under {args.current or root}")
+        baseline = load_results(args.baseline)
+        if not baseline:
+            raise ValueError(f"{args.baseline} holds no benchmark result")
+        regressions = compare(current[-1], baseline[-1], args.threshold)
+        for line in regressions:
+            print(f"REGRESSION {line}")
+        print(f"[bench report] {current[-1]['_path']} vs {baseline[-1]['_path']}: "
+              f"{len(regressions)} regression(s) at threshold {args.threshold:.0%}")
+        return 1 if regressions else 0
+    text = write_report(root, args.markdown, args.plots)
+    if not args.markdown:
+        print(text)
+    else:
+        print(f"[bench report] wrote {args.markdown}" + (f" and plots in {args.plots}" if args.plots else ""))
+    return 0
+
+
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("data", help="data set root (DFEW layout, or AFEW-style class folders with --layout folders)")
     p.add_argument("--layout", default="dfew", choices=["dfew", "folders"])
@@ -255,6 +314,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--instances", type=int, default=1)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_cmd_triton_repo)
+
+    p = sub.add_parser("bench", help="latency and accuracy of every backend ('bench report' for tables/plots)")
+    p.add_argument("--config", default=DEFAULT_PRESET, choices=sorted(PRESETS))
+    p.add_argument("--batch-sizes", default=None, help="comma-separated (default 1,8 on a CPU; 1,8,64,256 on a GPU)")
+    p.add_argument("--backends", default=None, help="comma-separated (default: every backend; unavailable ones "
+                                                    "are listed with the reason)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--checkpoint", default=None, help="benchmark this model (default: random weights)")
+    p.add_argument("--labelled", default=None, help="a DFEW-layout folder, or 'synthetic' (trains a tiny model)")
+    p.add_argument("--fold", type=int, default=1)
+    p.add_argument("--min-seconds", type=float, default=1.0, help="time each case at least this long")
+    p.add_argument("--output", default=None, help="results folder (default benchmarks/results)")
+    p.add_argument("--no-save", action="store_true")
+    p.set_defaults(func=_cmd_bench)
+    bench_sub = p.add_subparsers(dest="bench_action", metavar="report")
+    r = bench_sub.add_parser("report", help="markdown tables and plots of stored results; regression check")
+    r.add_argument("results", nargs="?", default=None, help="results folder or file (default benchmarks/results)")
+    r.add_argument("--markdown", default=None, help="write the tables to this file (default: print)")
+    r.add_argument("--plots", default=None, help="write PNG plots to this folder")
+    r.add_argument("--baseline", default=None, help="a stored result to compare the newest run against")
+    r.add_argument("--current", default=None, help="the run to check (default: the newest under RESULTS)")
+    r.add_argument("--threshold", type=float, default=0.10, help="allowed slowdown, as a fraction")
 
     p = sub.add_parser("train", help="train on a DFEW-layout (or class-folder) data set")
     _add_data_args(p)

@@ -1,0 +1,222 @@
+"""The benchmark suite: every available backend x every batch size, latency and accuracy side by side.
+
+For each backend: build time (compile / export / engine build), then per batch size the first call's
+time (compilation, autotuning, graph capture happen there), the steady-state latency (median, p90, p99
+after warm-up), throughput, peak memory, and accuracy against the float32 reference on the same inputs
+(relative and max error, top-1 agreement). With a labelled set: WAR and UAR and their difference to
+the reference. Speed is also given as a ratio to eager-fp32 measured in the same run, and as a
+fraction of the machine's measured matmul peak (model FLOPs / time / peak).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import gc
+import json
+import math
+import resource
+import tempfile
+import traceback
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from stt_fast.accuracy import max_abs_error, relative_error, top1_agreement
+from stt_fast.checkpoint import load_checkpoint
+from stt_fast.config import get_config
+from stt_fast.files import sha256_file, write_text_atomic
+from stt_fast.flops import model_cost
+from stt_fast.model import STT
+
+from .backends import REFERENCE, Backend, Built, resolve
+from .machine import machine_header, measure_ceilings
+from .timing import measure
+
+SCHEMA = 1
+DEFAULT_RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def default_batch_sizes(device: torch.device) -> list[int]:
+    return [1, 8, 64, 256] if device.type == "cuda" else [1, 8]
+
+
+@contextlib.contextmanager
+def exact_float32():
+    """No TF32 anywhere (the reference logits are the float32 ground truth)."""
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process-wide peak (Linux: KiB)
+
+
+def _labelled_accuracy(built: Built, dataset) -> dict:
+    from stt_fast.training import evaluate
+
+    result = evaluate(lambda clips: built.run(clips.to(built.input_device)).float().cpu(), dataset,
+                      batch_size=16, workers=0, progress=False)
+    return {"war": result["war"], "uar": result["uar"], "samples": result["samples"]}
+
+
+def run_backend(backend: Backend, model: STT, device: torch.device, inputs: dict[int, torch.Tensor],
+                references: dict[int, torch.Tensor], workdir: Path, *, flops_per_clip: int, peak_tflops: float,
+                min_seconds: float, dataset=None, bar=None) -> dict:
+    """One backend's record: build, then every batch size (see the module docstring)."""
+    record: dict = {"backend": backend.name, "precision": backend.precision}
+    reason = backend.unavailable(device)
+    if reason:
+        if bar is not None:
+            bar.update(len(inputs))
+        return record | {"skipped": reason}
+    try:
+        built = backend.build(model, device, workdir)
+    except Exception as e:  # a backend that fails to build is reported, the suite goes on
+        if bar is not None:
+            bar.update(len(inputs))
+        return record | {"error": f"build failed: {e}", "traceback": traceback.format_exc(limit=3)}
+    record |= {"build_seconds": round(built.build_seconds, 3), "size_bytes": built.size_bytes, "notes": built.notes,
+               "batches": []}
+    for batch, clips in inputs.items():
+        if bar is not None:
+            bar.set_postfix_str(f"{backend.name} batch {batch}")
+        x = clips.to(built.input_device)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        first = measure(lambda x=x: built.run(x), device, warmup=0, min_runs=1, max_runs=1, min_seconds=0)
+        with torch.no_grad():
+            logits = built.run(x).float().cpu()
+        timing = measure(lambda x=x: built.run(x), device, warmup=2, min_runs=5, min_seconds=min_seconds)
+        seconds = timing.median_ms / 1e3
+        record["batches"].append({
+            "batch": batch,
+            "first_call_ms": round(first.median_ms, 3),
+            "timing": timing.to_dict(),
+            "clips_per_second": batch / seconds,
+            "peak_memory_mb": round(_peak_memory_mb(device), 1),
+            "fraction_of_peak": flops_per_clip * batch / seconds / (peak_tflops * 1e12),
+            "accuracy": {"relative_error": relative_error(logits, references[batch]),
+                         "max_abs_error": max_abs_error(logits, references[batch]),
+                         "top1_agreement": top1_agreement(logits, references[batch])},
+        })
+        if bar is not None:
+            bar.update(1)
+    if dataset is not None:
+        record["labelled"] = _labelled_accuracy(built, dataset)
+    return record
+
+
+def _ratios(records: list[dict]) -> None:
+    """Speed-up over eager-fp32 measured in the same run, and labelled-set deltas to it."""
+    ref = next((r for r in records if r["backend"] == REFERENCE and "batches" in r), None)
+    if ref is None:
+        return
+    ref_ms = {b["batch"]: b["timing"]["median_ms"] for b in ref["batches"]}
+    for r in records:
+        for b in r.get("batches", []):
+            if b["batch"] in ref_ms:
+                b["speedup_vs_eager_fp32"] = ref_ms[b["batch"]] / b["timing"]["median_ms"]
+        if "labelled" in r and "labelled" in ref:
+            r["labelled"]["war_minus_reference"] = r["labelled"]["war"] - ref["labelled"]["war"]
+            r["labelled"]["uar_minus_reference"] = r["labelled"]["uar"] - ref["labelled"]["uar"]
+
+
+def run_suite(config_name: str = "paper", *, batch_sizes: list[int] | None = None, backends: list[str] | None = None,
+              device: str | None = None, checkpoint: str | None = None, labelled=None, output_dir=DEFAULT_RESULTS,
+              min_seconds: float = 1.0, progress: bool = True, seed: int = 0) -> tuple[dict, Path | None]:
+    """Run the suite and write benchmarks/results/<machine>/<time>-<config>.json; returns (result, path).
+
+    labelled: a ClipDataset to measure WAR/UAR on (its config must be the model's).
+    output_dir None: nothing written.
+    """
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    torch.manual_seed(seed)
+    model = load_checkpoint(checkpoint) if checkpoint else STT(get_config(config_name)).eval()
+    config = model.config
+    chosen = resolve(backends)
+    if REFERENCE not in [b.name for b in chosen]:
+        chosen.insert(0, resolve([REFERENCE])[0])  # the peer every ratio is taken against
+    batch_sizes = batch_sizes or default_batch_sizes(device)
+    cost = model_cost(config)
+    header = machine_header(device)
+    ceilings = measure_ceilings(device)
+    generator = torch.Generator().manual_seed(seed)
+    inputs = {b: torch.rand(b, config.num_frames, 3, config.image_size, config.image_size, generator=generator)
+              for b in batch_sizes}
+    with exact_float32(), torch.no_grad():
+        reference = model.to(device)
+        references = {b: reference(x.to(device)).float().cpu() for b, x in inputs.items()}
+        model.cpu()
+    records = []
+    bar = tqdm(total=len(chosen) * len(batch_sizes), desc="[bench]", disable=not progress, unit="run")
+    with tempfile.TemporaryDirectory(prefix="stt_fast-bench-") as tmp:
+        for backend in chosen:
+            records.append(run_backend(backend, model, device, inputs, references, Path(tmp),
+                                       flops_per_clip=cost.flops_per_clip, peak_tflops=ceilings["matmul_tflops"],
+                                       min_seconds=min_seconds, dataset=labelled, bar=bar))
+            gc.collect()  # the backend built above is gone: give its memory back before the next
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    bar.close()
+    _ratios(records)
+    result = {
+        "schema": SCHEMA,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": header,
+        "ceilings": ceilings,
+        "config_name": config_name if not checkpoint else f"checkpoint:{Path(checkpoint).name}",
+        "config": config.to_dict(),
+        "model": {"parameters": cost.parameters, "flops_per_clip": cost.flops_per_clip,
+                  "flops_note": "the reference model's FLOPs (2 per multiply-add); backends that prune "
+                                "work still count these"},
+        "checkpoint_sha256": sha256_file(checkpoint) if checkpoint else None,
+        "labelled_samples": len(labelled) if labelled is not None else None,
+        "batch_sizes": batch_sizes,
+        "results": records,
+    }
+    path = None
+    if output_dir is not None:
+        stamp = result["created"].replace(":", "").replace("-", "").replace("+0000", "Z")
+        name = result["config_name"].replace(":", "-").replace("/", "-")
+        path = Path(output_dir) / header["slug"] / f"{stamp}-{name}.json"
+        write_text_atomic(path, json.dumps(result, indent=1, default=_json_default))
+    return result, path
+
+
+def _json_default(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def format_table(result: dict) -> str:
+    """A plain-text table of one run, printed at the end of `stt-fast bench`."""
+    lines = [f"{result['machine']['slug']} | {result['config_name']} | {result['created']}",
+             f"{'backend':18s} {'batch':>5s} {'median ms':>10s} {'p90 ms':>9s} {'clips/s':>9s} {'vs eager':>8s} "
+             f"{'% peak':>7s} {'rel err':>9s} {'top-1':>6s}"]
+    for r in result["results"]:
+        if "batches" not in r:
+            lines.append(f"{r['backend']:18s} {'-':>5s}  {r.get('skipped') or r.get('error')}")
+            continue
+        for b in r["batches"]:
+            t = b["timing"]
+            lines.append(f"{r['backend']:18s} {b['batch']:5d} {t['median_ms']:10.2f} {t['p90_ms']:9.2f} "
+                         f"{b['clips_per_second']:9.1f} {b.get('speedup_vs_eager_fp32', float('nan')):7.2f}x "
+                         f"{100 * b['fraction_of_peak']:6.1f}% {b['accuracy']['relative_error']:9.2e} "
+                         f"{b['accuracy']['top1_agreement']:6.3f}")
+        if "labelled" in r:
+            lab = r["labelled"]
+            lines.append(f"{'':18s} labelled set: WAR {lab['war']:.4f} ({lab.get('war_minus_reference', 0):+.4f}), "
+                         f"UAR {lab['uar']:.4f} ({lab.get('uar_minus_reference', 0):+.4f}), {lab['samples']} clips")
+    return "\n".join(lines)

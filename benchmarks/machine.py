@@ -1,0 +1,41 @@
+"""The machine a result was measured on, and its measured ceilings.
+
+The ceilings are measured, not taken from datasheets: a large matrix product (float16 on a GPU,
+float32 on a CPU) for the arithmetic peak, and a large device copy (bytes read + written) for the
+memory bandwidth. Each GPU result's "fraction of the limit" is model FLOPs / time / matmul peak.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from stt_fast.environment import environment_info, machine_slug
+
+from .timing import measure
+
+
+def machine_header(device: torch.device) -> dict:
+    info = environment_info()
+    header = {"slug": machine_slug(info, device.type), "device": str(device), **info}
+    if device.type == "cuda":
+        header["gpu"] = info["gpus"][device.index or 0]
+    return header
+
+
+def measure_ceilings(device: torch.device) -> dict:
+    """{'matmul_tflops', 'matmul_dtype', 'matmul_size', 'copy_gbps'} measured on device."""
+    if device.type == "cuda":
+        n, dtype = 8192, torch.float16
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+        src = torch.randn(2**28 // 2, device=device, dtype=torch.float16)  # 256 MiB, many times the L2
+    else:
+        n, dtype = 2048, torch.float32
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        src = torch.randn(2**26 // 4, dtype=torch.float32)  # 64 MiB
+    matmul = measure(lambda: torch.mm(a, b), device, warmup=2, min_runs=5, min_seconds=0.5)
+    dst = torch.empty_like(src)
+    copy = measure(lambda: dst.copy_(src), device, warmup=2, min_runs=5, min_seconds=0.5)
+    return {"matmul_tflops": round(2 * n**3 / (matmul.median_ms * 1e-3) / 1e12, 3), "matmul_dtype": str(dtype),
+            "matmul_size": n,
+            "copy_gbps": round(2 * src.numel() * src.element_size() / (copy.median_ms * 1e-3) / 1e9, 1)}

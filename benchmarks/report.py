@@ -1,0 +1,186 @@
+"""Stored results -> markdown tables and PNG plots, and the regression check against a baseline.
+
+    stt-fast bench report [DIR]                           tables (stdout or --markdown) and plots
+    stt-fast bench report [DIR] --baseline OLD.json       compare the newest run with OLD.json; exit 1 on
+                                                          a slowdown or accuracy loss beyond the threshold
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from stt_fast.files import atomic_output, write_text_atomic
+
+REFERENCE = "eager-fp32"
+
+
+def load_results(root: str | os.PathLike) -> list[dict]:
+    """Every result JSON under root (a folder) or root itself (a file), oldest first."""
+    root = Path(root)
+    files = [root] if root.is_file() else sorted(root.rglob("*.json"))
+    results = []
+    for f in files:
+        try:
+            data = json.loads(f.read_text())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{f} is not a readable benchmark result: {e}") from e
+        if isinstance(data, dict) and data.get("schema") and "results" in data and "machine" in data:
+            data["_path"] = str(f)
+            results.append(data)
+    return sorted(results, key=lambda r: r["created"])
+
+
+def latest(results: list[dict]) -> dict[tuple[str, str], dict]:
+    """The newest run per (machine, config)."""
+    out: dict[tuple[str, str], dict] = {}
+    for r in results:
+        out[(r["machine"]["slug"], r["config_name"])] = r
+    return out
+
+
+def _machine_line(r: dict) -> str:
+    m = r["machine"]
+    if m.get("gpu"):
+        g = m["gpu"]
+        device = f"{g['name']} (sm {g['compute_capability']}), driver {m.get('driver')}, CUDA {m.get('cuda')}"
+    else:
+        device = f"{m['cpu']}, {m['cpu_count']} cores (CPU)"
+    versions = ", ".join(f"{k} {m[k]}" for k in ("torch", "triton", "onnxruntime", "tensorrt") if m.get(k))
+    c = r["ceilings"]
+    return (f"{device}; {versions}; measured peak {c['matmul_tflops']} TFLOP/s ({c['matmul_dtype']} "
+            f"{c['matmul_size']}^3 matmul), copy {c['copy_gbps']} GB/s")
+
+
+def markdown(results: list[dict]) -> str:
+    """One table per (machine, config), newest run each."""
+    parts = []
+    for (slug, config_name), r in sorted(latest(results).items()):
+        gflops = r["model"]["flops_per_clip"] / 1e9
+        parts.append(f"### {slug} / {config_name} ({r['created'][:10]})\n\n{_machine_line(r)}. "
+                     f"Model: {r['model']['parameters'] / 1e6:.2f} M parameters, {gflops:.2f} GFLOPs per clip.\n")
+        parts.append("| backend | batch | median ms | p90 ms | p99 ms | clips/s | vs eager-fp32 | % of peak | "
+                     "first call ms | rel. error | top-1 agree |")
+        parts.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        notes = []
+        for rec in r["results"]:
+            if "batches" not in rec:
+                notes.append(f"- {rec['backend']}: {rec.get('skipped') or rec.get('error')}")
+                continue
+            for b in rec["batches"]:
+                t = b["timing"]
+                speedup = b.get("speedup_vs_eager_fp32")
+                parts.append(
+                    f"| {rec['backend']} | {b['batch']} | {t['median_ms']:.2f} | {t['p90_ms']:.2f} | "
+                    f"{t['p99_ms']:.2f} | {b['clips_per_second']:.1f} | "
+                    f"{'' if speedup is None else f'{speedup:.2f}x'} | {100 * b['fraction_of_peak']:.1f}% | "
+                    f"{b['first_call_ms']:.0f} | {b['accuracy']['relative_error']:.1e} | "
+                    f"{b['accuracy']['top1_agreement']:.3f} |")
+            if rec.get("notes"):
+                notes.append(f"- {rec['backend']}: built in {rec['build_seconds']:.1f} s; {rec['notes']}")
+        labelled = [rec for rec in r["results"] if "labelled" in rec]
+        if labelled:
+            parts.append(f"\nLabelled set ({r.get('labelled_samples')} clips):\n")
+            parts.append("| backend | WAR | UAR | WAR - reference | UAR - reference |")
+            parts.append("|---|---:|---:|---:|---:|")
+            for rec in labelled:
+                lab = rec["labelled"]
+                parts.append(f"| {rec['backend']} | {lab['war']:.4f} | {lab['uar']:.4f} | "
+                             f"{lab.get('war_minus_reference', 0):+.4f} | {lab.get('uar_minus_reference', 0):+.4f} |")
+        if notes:
+            parts.append("\n" + "\n".join(notes))
+        parts.append("")
+    return "\n".join(parts)
+
+
+def plots(results: list[dict], out_dir: str | os.PathLike) -> list[Path]:
+    """latency_vs_batch.png (a panel per backend, a line per machine), speedup.png, accuracy.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    runs = latest(results)
+    backends = sorted({rec["backend"] for r in runs.values() for rec in r["results"] if "batches" in rec})
+    written = []
+
+    def save(fig, name):
+        path = out_dir / name
+        with atomic_output(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=110)
+        plt.close(fig)
+        written.append(path)
+
+    cols = min(3, max(1, len(backends)))
+    rows = (len(backends) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.4 * rows), squeeze=False)
+    for ax, backend in zip(axes.flat, backends):
+        for (slug, config_name), r in sorted(runs.items()):
+            rec = next((x for x in r["results"] if x["backend"] == backend and "batches" in x), None)
+            if rec:
+                ax.plot([b["batch"] for b in rec["batches"]], [b["timing"]["median_ms"] for b in rec["batches"]],
+                        marker="o", label=f"{slug} / {config_name}")
+        ax.set(title=backend, xlabel="batch", ylabel="median latency (ms)", xscale="log", yscale="log")
+        ax.legend(fontsize=6)
+    for ax in list(axes.flat)[len(backends):]:
+        ax.axis("off")
+    fig.tight_layout()
+    save(fig, "latency_vs_batch.png")
+
+    for name, key, ylabel, log in (("speedup.png", "speedup_vs_eager_fp32", "speed-up over eager-fp32", False),
+                                   ("accuracy.png", "relative_error", "logits relative error", True)):
+        fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(backends) * max(1, len(runs))), 3.8))
+        width = 0.8 / max(1, len(runs))
+        for i, ((slug, config_name), r) in enumerate(sorted(runs.items())):
+            values = []
+            for backend in backends:
+                rec = next((x for x in r["results"] if x["backend"] == backend and "batches" in x), None)
+                b = rec["batches"][-1] if rec else None  # the largest batch
+                value = (b["accuracy"][key] if key == "relative_error" else b.get(key)) if b else None
+                values.append(float("nan") if value is None else max(value, 1e-12) if log else value)
+            ax.bar([j + i * width for j in range(len(backends))], values, width, label=f"{slug} / {config_name}")
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(backends))], backends, rotation=30, ha="right")
+        ax.set(ylabel=f"{ylabel} (largest batch)", yscale="log" if log else "linear")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        save(fig, name)
+    return written
+
+
+def compare(current: dict, baseline: dict, threshold: float = 0.10) -> list[str]:
+    """Regressions of current against baseline: a median latency more than `threshold` slower, a lower
+    top-1 agreement, a relative error above both 2x the baseline's and 1e-6; [] when none."""
+    found = []
+    base = {(r["backend"], b["batch"]): b for r in baseline["results"] for b in r.get("batches", [])}
+    for r in current["results"]:
+        for b in r.get("batches", []):
+            old = base.get((r["backend"], b["batch"]))
+            if old is None:
+                continue
+            where = f"{r['backend']} batch {b['batch']}"
+            new_ms, old_ms = b["timing"]["median_ms"], old["timing"]["median_ms"]
+            if new_ms > old_ms * (1 + threshold):
+                found.append(f"{where}: median {new_ms:.3f} ms vs {old_ms:.3f} ms "
+                             f"(+{100 * (new_ms / old_ms - 1):.1f}% > {100 * threshold:.0f}%)")
+            if b["accuracy"]["top1_agreement"] < old["accuracy"]["top1_agreement"]:
+                found.append(f"{where}: top-1 agreement {b['accuracy']['top1_agreement']:.3f} vs "
+                             f"{old['accuracy']['top1_agreement']:.3f}")
+            new_err, old_err = b["accuracy"]["relative_error"], old["accuracy"]["relative_error"]
+            if new_err > max(2 * old_err, 1e-6):
+                found.append(f"{where}: relative error {new_err:.2e} vs {old_err:.2e}")
+    return found
+
+
+def write_report(root: str | os.PathLike, markdown_path: str | os.PathLike | None = None,
+                 plots_dir: str | os.PathLike | None = None) -> str:
+    results = load_results(root)
+    if not results:
+        raise ValueError(f"no benchmark results under {root}")
+    text = markdown(results)
+    if markdown_path:
+        write_text_atomic(markdown_path, text)
+    if plots_dir:
+        plots(results, plots_dir)
+    return text
