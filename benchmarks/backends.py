@@ -3,7 +3,8 @@
     eager-fp32            the reference model, float32
     eager-fp16/-bf16      the reference model under autocast (GPU)
     torch-compile         torch.compile of the reference (mode max-autotune on GPU, default on CPU)
-    stt_fast-fp32/-fp16/-bf16   stt_fast.compile in each precision (half precisions on GPU)
+    stt_fast-fp32/-fp16/-bf16   stt_fast.compile in each precision, its default backend (half precisions on GPU)
+    stt_fast-torch-fp32   stt_fast.compile(backend="torch"): the PyTorch-only path
     onnxruntime-fp32/-fp16      the exported graphs in ONNX Runtime (CUDA EP on GPU when present)
     tensorrt-fp16         stt_fast.compile(backend="tensorrt") (TensorRT and a GPU)
 """
@@ -96,12 +97,14 @@ def _torch_compile_unavailable(device: torch.device) -> str | None:
     return None
 
 
-def _stt_fast(dtype: torch.dtype):
+def _stt_fast(dtype: torch.dtype, backend: str = "auto"):
     def build(model: STT, device: torch.device, workdir: Path) -> Built:
         import stt_fast
 
         def make():
-            compiled = stt_fast.compile(model, device=device, dtype=dtype, validate=False)
+            options = {"cache_dir": workdir / "onnx-cache"} if backend == "auto" and device.type == "cpu" else {}
+            compiled = stt_fast.compile(model, device=device, dtype=dtype, backend=backend, validate=False,
+                                        **options)
             return compiled, _param_bytes(compiled.program), f"backend={compiled.backend}"
 
         return _timed(make, device)
@@ -166,6 +169,7 @@ BACKENDS: dict[str, Backend] = {b.name: b for b in [
     Backend("stt_fast-fp32", "fp32", lambda d: None, _stt_fast(torch.float32)),
     Backend("stt_fast-fp16", "fp16", _needs_cuda, _stt_fast(torch.float16)),
     Backend("stt_fast-bf16", "bf16", _needs_cuda, _stt_fast(torch.bfloat16)),
+    Backend("stt_fast-torch-fp32", "fp32", lambda d: None, _stt_fast(torch.float32, "torch")),
     Backend("onnxruntime-fp32", "fp32", _ort_unavailable, _onnxruntime("fp32")),
     Backend("onnxruntime-fp16", "fp16", _ort_unavailable, _onnxruntime("fp16")),
     Backend("tensorrt-fp16", "fp16", _tensorrt_unavailable, _tensorrt),

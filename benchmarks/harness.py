@@ -132,10 +132,13 @@ def _ratios(records: list[dict]) -> None:
 
 def run_suite(config_name: str = "paper", *, batch_sizes: list[int] | None = None, backends: list[str] | None = None,
               device: str | None = None, checkpoint: str | None = None, labelled=None, output_dir=DEFAULT_RESULTS,
-              min_seconds: float = 1.0, progress: bool = True, seed: int = 0) -> tuple[dict, Path | None]:
-    """Run the suite and write benchmarks/results/<machine>/<time>-<config>.json; returns (result, path).
+              min_seconds: float = 1.0, progress: bool = True, seed: int = 0,
+              name: str | None = None) -> tuple[dict, Path | None]:
+    """Run the suite and write benchmarks/results/<machine>/<time>-<name>.json; returns (result, path).
 
+    checkpoint: benchmark this model (else config_name with random weights).
     labelled: a ClipDataset to measure WAR/UAR on (its config must be the model's).
+    name: what the run is called in results and reports (default: the config name, or the checkpoint's).
     output_dir None: nothing written.
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -175,7 +178,7 @@ def run_suite(config_name: str = "paper", *, batch_sizes: list[int] | None = Non
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": header,
         "ceilings": ceilings,
-        "config_name": config_name if not checkpoint else f"checkpoint:{Path(checkpoint).name}",
+        "config_name": name or (config_name if not checkpoint else f"checkpoint-{Path(checkpoint).stem}"),
         "config": config.to_dict(),
         "model": {"parameters": cost.parameters, "flops_per_clip": cost.flops_per_clip,
                   "flops_note": "the reference model's FLOPs (2 per multiply-add); backends that prune "
@@ -188,8 +191,8 @@ def run_suite(config_name: str = "paper", *, batch_sizes: list[int] | None = Non
     path = None
     if output_dir is not None:
         stamp = result["created"].replace(":", "").replace("-", "").replace("+0000", "Z")
-        name = result["config_name"].replace(":", "-").replace("/", "-")
-        path = Path(output_dir) / header["slug"] / f"{stamp}-{name}.json"
+        label = result["config_name"].replace(":", "-").replace("/", "-")
+        path = Path(output_dir) / header["slug"] / f"{stamp}-{label}.json"
         write_text_atomic(path, json.dumps(result, indent=1, default=_json_default))
     return result, path
 

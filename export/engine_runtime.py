@@ -3,7 +3,9 @@
 This file imports nothing from stt_fast and nothing heavy at module level, so it can be copied alone
 to an edge device (a Jetson) with the engine and its sidecar and run there without PyTorch:
 
-    python3 engine_runtime.py model.engine --clips clips.npy       # numpy [B, T, 3, H, W]
+    python3 engine_runtime.py run model.engine --clips clips.npy      # numpy [B, T, 3, H, W]
+    python3 engine_runtime.py sidecar model.engine --onnx model.fp16.onnx --batch 1:4:16
+                                                                      # for an engine built by trtexec
 
 Inside the package it is stt_fast.export.engine_runtime, used by the builder and by
 stt_fast.compile(backend="tensorrt").
@@ -19,6 +21,7 @@ enqueued on the current torch stream) and "pycuda" (numpy in, numpy out, device 
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import os
@@ -28,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 SIDECAR_FORMAT = "stt_fast-engine-v1"
+LABELS = ["Happy", "Sad", "Neutral", "Angry", "Surprise", "Disgust", "Fear"]
 SIDECAR_SUFFIX = ".json"
 INPUT_NAME = "clips"
 OUTPUT_NAME = "logits"
@@ -53,6 +57,49 @@ def sidecar_path(engine_path: str | os.PathLike) -> Path:
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def make_sidecar(*, engine_bytes: bytes, onnx_meta: dict[str, str], onnx_file: str, onnx_sha256: str,
+                 tensorrt_version: str, gpu: dict[str, str], batch: tuple[int, int, int],
+                 version_compatible: bool = False, hardware_compatibility: str = "none",
+                 builder: dict | None = None, build_seconds: float | None = None) -> dict[str, Any]:
+    """The sidecar of an engine built from an stt_fast ONNX file (its metadata_props as onnx_meta)."""
+    if "stt_fast.config" not in onnx_meta:
+        raise ValueError(f"{onnx_file} carries no stt_fast config: not exported by stt_fast")
+    config = json.loads(onnx_meta["stt_fast.config"])
+    shape = [config["num_frames"], 3, config["image_size"], config["image_size"]]
+    return {
+        "format": SIDECAR_FORMAT,
+        "stt_fast_version": onnx_meta.get("stt_fast.version"),
+        "tensorrt_version": tensorrt_version,
+        "gpu": gpu,
+        "version_compatible": version_compatible,
+        "hardware_compatibility": hardware_compatibility,
+        "precision": onnx_meta.get("stt_fast.precision", "fp32"),
+        "input": {"name": INPUT_NAME, "dtype": onnx_meta.get("stt_fast.input_dtype", "float32"), "shape": [-1, *shape]},
+        "output": {"name": OUTPUT_NAME, "dtype": "float32", "shape": [-1, config["num_classes"]]},
+        "labels": LABELS if config["num_classes"] == len(LABELS) else None,
+        "profile": {"min": batch[0], "opt": batch[1], "max": batch[2]},
+        "config": config,
+        "onnx": {"file": onnx_file, "sha256": onnx_sha256, "opset": onnx_meta.get("stt_fast.opset"),
+                 "attention_op": onnx_meta.get("stt_fast.attention_op") == "true"},
+        "checkpoint_sha256": onnx_meta.get("stt_fast.checkpoint_sha256") or None,
+        "engine_sha256": sha256_bytes(engine_bytes),
+        "builder": builder,
+        "build_seconds": None if build_seconds is None else round(build_seconds, 1),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "accuracy": None,
+    }
+
+
+def write_sidecar(engine_path: str | os.PathLike, sidecar: dict[str, Any]) -> Path:
+    """Write the sidecar beside the engine, atomically (temporary file, then rename). This file stays
+    standalone for edge devices, hence its own three lines instead of stt_fast.files.atomic_output."""
+    path = sidecar_path(engine_path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(sidecar, indent=2))
+    os.replace(tmp, path)
+    return path
 
 
 def read_sidecar(engine_path: str | os.PathLike) -> dict[str, Any]:
@@ -247,15 +294,25 @@ class EngineRunner:
         return self.buffers.concat(parts)
 
 
-def main(argv: list[str] | None = None) -> int:
-    import argparse
+def _sidecar_for_existing_engine(args) -> int:
+    """For an engine built elsewhere (trtexec): its sidecar from the ONNX file it was built from."""
+    import onnx
 
-    parser = argparse.ArgumentParser(description="Run an STT TensorRT engine on clips saved as a .npy array")
-    parser.add_argument("engine")
-    parser.add_argument("--clips", required=True, help=".npy array [B, T, 3, H, W], float32 in [0, 1] or uint8")
-    parser.add_argument("--buffers", default="pycuda", choices=["pycuda", "torch"])
-    parser.add_argument("--device", type=int, default=0)
-    args = parser.parse_args(argv)
+    engine = Path(args.engine)
+    model = onnx.load(args.onnx, load_external_data=False)
+    meta = {p.key: p.value for p in model.metadata_props}
+    trt = import_tensorrt()
+    name, capability = current_gpu(args.device, "pycuda")
+    batch = tuple(int(x) for x in args.batch.split(":"))
+    sidecar = make_sidecar(engine_bytes=engine.read_bytes(), onnx_meta=meta, onnx_file=Path(args.onnx).name,
+                           onnx_sha256=hashlib.sha256(Path(args.onnx).read_bytes()).hexdigest(),
+                           tensorrt_version=trt.__version__, gpu={"name": name, "compute_capability": capability},
+                           batch=batch, builder={"tool": "external (trtexec)"})
+    print(f"wrote {write_sidecar(engine, sidecar)}")
+    return 0
+
+
+def _run(args) -> int:
     import numpy as np
 
     runner = EngineRunner(args.engine, buffers=args.buffers, device=args.device)
@@ -268,6 +325,31 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"label": labels[int(row.argmax())],
                           "probabilities": {name: round(float(p), 6) for name, p in zip(labels, probs)}}))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Run an STT TensorRT engine (no PyTorch needed)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="logits of clips saved as a .npy array")
+    run.add_argument("engine")
+    run.add_argument("--clips", required=True, help=".npy array [B, T, 3, H, W], float32 in [0, 1] or uint8")
+    run.add_argument("--buffers", default="pycuda", choices=["pycuda", "torch"])
+    run.add_argument("--device", type=int, default=0)
+    run.set_defaults(func=_run)
+    side = sub.add_parser("sidecar", help="write the sidecar of an engine built with trtexec")
+    side.add_argument("engine")
+    side.add_argument("--onnx", required=True, help="the stt_fast ONNX file the engine was built from")
+    side.add_argument("--batch", required=True, help="the MIN:OPT:MAX batch profile it was built with")
+    side.add_argument("--device", type=int, default=0)
+    side.set_defaults(func=_sidecar_for_existing_engine)
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

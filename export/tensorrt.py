@@ -19,8 +19,6 @@ tests skip with that reason where TensorRT or a GPU is missing.
 
 from __future__ import annotations
 
-import datetime
-import json
 import os
 import threading
 import time
@@ -31,20 +29,10 @@ import torch
 
 from stt_fast.accuracy import tolerance
 from stt_fast.compiler.validation import reference_logits
-from stt_fast.config import EMOTIONS
-from stt_fast.files import atomic_output, sha256_file, write_bytes_atomic
+from stt_fast.files import sha256_file, write_bytes_atomic
 from stt_fast.model import STT
 
-from .engine_runtime import (
-    HARDWARE_LEVELS,
-    INPUT_NAME,
-    OUTPUT_NAME,
-    SIDECAR_FORMAT,
-    EngineRunner,
-    import_tensorrt,
-    sha256_bytes,
-    sidecar_path,
-)
+from .engine_runtime import HARDWARE_LEVELS, INPUT_NAME, EngineRunner, import_tensorrt, make_sidecar, write_sidecar
 from .onnx_export import BatchRange, config_from_metadata, load_onnx, read_metadata
 from .parity import PRECISION_DTYPES, ParityReport, compare_logits, probe_inputs
 
@@ -153,35 +141,18 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *
     if timing_cache is not None:
         write_bytes_atomic(timing_cache, bytes(memoryview(cache.serialize())))
 
-    sidecar = {
-        "format": SIDECAR_FORMAT,
-        "stt_fast_version": meta.get("stt_fast.version"),
-        "tensorrt_version": trt.__version__,
-        "gpu": gpu,
-        "version_compatible": version_compatible,
-        "hardware_compatibility": hardware_compatibility,
-        "precision": meta.get("stt_fast.precision", "fp32"),
-        "input": {"name": INPUT_NAME, "dtype": meta.get("stt_fast.input_dtype", "float32"), "shape": [-1, *shape]},
-        "output": {"name": OUTPUT_NAME, "dtype": "float32", "shape": [-1, config.num_classes]},
-        "labels": list(EMOTIONS) if config.num_classes == len(EMOTIONS) else None,
-        "profile": {"min": batch.min, "opt": batch.opt, "max": batch.max},
-        "config": config.to_dict(),
-        "onnx": {"file": onnx_path.name, "sha256": sha256_file(onnx_path), "opset": meta.get("stt_fast.opset"),
-                 "attention_op": meta.get("stt_fast.attention_op") == "true"},
-        "checkpoint_sha256": meta.get("stt_fast.checkpoint_sha256") or None,
-        "engine_sha256": sha256_bytes(engine_bytes),
-        "builder": {"optimization_level": optimization_level, "workspace_gib": workspace_gib},
-        "build_seconds": round(build_seconds, 1),
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "accuracy": None,
-    }
+    sidecar = make_sidecar(engine_bytes=engine_bytes, onnx_meta=meta, onnx_file=onnx_path.name,
+                           onnx_sha256=sha256_file(onnx_path), tensorrt_version=trt.__version__, gpu=gpu,
+                           batch=(batch.min, batch.opt, batch.max), version_compatible=version_compatible,
+                           hardware_compatibility=hardware_compatibility,
+                           builder={"optimization_level": optimization_level, "workspace_gib": workspace_gib},
+                           build_seconds=build_seconds)
     if reference_model is not None:
         runner = EngineRunner(engine_path, buffers="torch", device=device, engine_bytes=engine_bytes, sidecar=sidecar)
         sidecar["accuracy"] = engine_vs_reference(runner, reference_model).to_dict()
     # Engine first, then its sidecar: a reader finding a sidecar whose hash does not match refuses it.
     write_bytes_atomic(engine_path, engine_bytes)
-    with atomic_output(sidecar_path(engine_path)) as tmp:
-        tmp.write_text(json.dumps(sidecar, indent=2))
+    write_sidecar(engine_path, sidecar)
     return sidecar
 
 

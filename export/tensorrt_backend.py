@@ -7,27 +7,18 @@ and the stt_fast version; a later compile of the same model on the same machine 
 
 from __future__ import annotations
 
-import hashlib
 import os
-import tempfile
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from stt_fast.checkpoint import state_fingerprint
 from stt_fast.inputs import clips_to_float
 from stt_fast.model import STT
 
 from .engine_runtime import EngineRunner, import_tensorrt
-from .onnx_export import BatchRange, export_onnx
-from .simplify import simplify_onnx
+from .onnx_cache import cache_key, cache_root, cached_onnx
+from .onnx_export import BatchRange
 from .tensorrt import build_engine
-
-
-def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "stt_fast" / "engines"
 
 
 class EngineModule(nn.Module):
@@ -56,19 +47,14 @@ def compile_tensorrt(model: STT, *, device: torch.device, dtype: torch.dtype, ba
         raise ValueError(f"backend 'tensorrt' builds float16 or float32 engines, not {dtype}")
     batch = BatchRange.parse(batch) if isinstance(batch, str) else batch
     props = torch.cuda.get_device_properties(device)
-    from stt_fast import __version__
-
-    key_parts = [state_fingerprint(model), model.config.to_json(), precision, str(batch), trt.__version__,
-                 props.name, f"{props.major}.{props.minor}", __version__]
-    key = hashlib.sha256("|".join(key_parts).encode()).hexdigest()[:20]
-    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    engine = folder / key / "model.engine"
+    root = cache_root("engines", cache_dir)
+    folder = root / cache_key(model, precision, str(batch), trt.__version__, props.name,
+                              f"{props.major}.{props.minor}")
+    engine = folder / "model.engine"
     if rebuild or not engine.is_file():
-        with tempfile.TemporaryDirectory(prefix="stt_fast-onnx-") as tmp:
-            raw = export_onnx(model, Path(tmp) / "raw.onnx", precision=precision, batch=batch)
-            onnx_file = simplify_onnx(raw, engine.with_suffix(".onnx")).path
+        onnx_file = cached_onnx(model, folder, precision=precision, batch=batch)
         build_engine(onnx_file, engine, batch=batch, workspace_gib=workspace_gib,
-                     optimization_level=optimization_level, timing_cache=folder / "timing.cache",
+                     optimization_level=optimization_level, timing_cache=root / "timing.cache",
                      reference_model=model, device=device.index or 0)
     runner = EngineRunner(engine, buffers="torch", device=device.index or 0)
     return CompiledSTT(EngineModule(runner), config=model.config, device=device, dtype=dtype, backend="tensorrt",

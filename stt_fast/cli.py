@@ -197,7 +197,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from stt_fast.benchmarks.harness import DEFAULT_RESULTS, format_table, run_suite
     from stt_fast.checkpoint import load_checkpoint
 
-    labelled, checkpoint = None, args.checkpoint
+    labelled, checkpoint, name = None, args.checkpoint, None
     if args.labelled:
         from stt_fast.benchmarks.synthetic_model import labelled_test_set, synthetic_checkpoint
 
@@ -206,7 +206,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                 raise ValueError("--labelled synthetic trains a tiny model: use --config tiny (or tiny-joint), "
                                  "or pass --checkpoint")
             data, trained = synthetic_checkpoint(args.config)
-            checkpoint = checkpoint or str(trained)
+            if checkpoint is None:
+                checkpoint, name = str(trained), f"{args.config}-trained-on-synthetic"
         else:
             data = args.labelled
         if checkpoint is None:
@@ -217,7 +218,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     output = None if args.no_save else (args.output or DEFAULT_RESULTS)
     result, path = run_suite(args.config, batch_sizes=batch_sizes, backends=backends, device=args.device,
                              checkpoint=checkpoint, labelled=labelled, output_dir=output,
-                             min_seconds=args.min_seconds)
+                             min_seconds=args.min_seconds, name=name)
     print(format_table(result))
     if path:
         print(f"[bench] result written to {path}")

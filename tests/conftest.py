@@ -2,8 +2,13 @@
 set before triton is first imported, hence here, before any test module loads."""
 
 import os
+import tempfile
 
 import torch
+
+# Exported graphs and engines are cached under XDG_CACHE_HOME/stt_fast: keep the tests' out of the
+# user's cache.
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="stt_fast-test-cache-")
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -16,7 +16,7 @@ from tests.helpers import clips, trained_looking
 from tests.test_inputs import BAD_INPUTS
 
 PRESETS = ["tiny", "tiny-joint"]
-BACKENDS = ["torch", "triton"]  # "triton" runs through TRITON_INTERPRET=1 here
+BACKENDS = ["torch", "triton", "onnxruntime"]  # "triton" runs through TRITON_INTERPRET=1 here
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -41,7 +41,7 @@ def test_last_block_pruning_at_other_depths(preset, depth):
     model = trained_looking(config)
     x = clips(config)
     with torch.no_grad():
-        assert relative_error(stt_fast.compile(model)(x), model(x)) < tolerance(torch.float32).model
+        assert relative_error(stt_fast.compile(model, backend="torch")(x), model(x)) < tolerance(torch.float32).model
 
 
 def test_input_model_is_not_modified():
@@ -93,7 +93,7 @@ def test_absorbed_cls_attention_equals_the_reference_cls_row(mode):
 
 def test_validate_catches_a_broken_module():
     model = trained_looking(get_config("tiny"))
-    compiled = stt_fast.compile(model, validate=False)
+    compiled = stt_fast.compile(model, backend="torch", validate=False)
     assert compiled.validation is None
     with torch.no_grad():
         compiled.program.blocks[0].fc2.weight.mul_(3.0)
@@ -111,7 +111,7 @@ def test_compile_refuses_to_return_a_broken_module(monkeypatch):
 
     monkeypatch.setattr(ops.TorchOps, "attention", staticmethod(wrong_attention))
     with pytest.raises(ValidationError):
-        stt_fast.compile(trained_looking(get_config("tiny")))
+        stt_fast.compile(trained_looking(get_config("tiny")), backend="torch")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -159,12 +159,18 @@ def test_safe_from_several_threads():
         torch.testing.assert_close(got, want)
 
 
+@pytest.fixture(scope="module")
+def compiled_tiny():
+    model = STT(get_config("tiny")).eval()
+    return {b: stt_fast.compile(model, backend=b, validate=False) for b in ("torch", "onnxruntime")}
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
 @pytest.mark.parametrize("name", list(BAD_INPUTS))
-def test_bad_input_to_compiled_module(name):
+def test_bad_input_to_compiled_module(compiled_tiny, backend, name):
     bad, message = BAD_INPUTS[name]
-    compiled = stt_fast.compile(STT(get_config("tiny")).eval(), validate=False)
     with pytest.raises(ValueError, match=message):
-        compiled(bad)
+        compiled_tiny[backend](bad)
 
 
 def test_compile_time_errors():
@@ -182,14 +188,39 @@ def test_compile_time_errors():
         stt_fast.compile(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="unknown options"):
         stt_fast.compile(model, workspace_gib=2)
+    with pytest.raises(ValueError, match="unknown options"):
+        stt_fast.compile(model, backend="torch", cache_dir="/tmp")
     with pytest.raises(ValueError, match="inference-only"):
         stt_fast.compile(model, validate=False).train()
 
 
-def test_unsupported_head_dim_falls_back_to_torch_backend():
-    model = trained_looking(get_config("tiny").replace(embed_dim=48, num_heads=2))  # head dim 24
-    compiled = stt_fast.compile(model)
-    assert compiled.backend == "torch" and compiled.validation.passed
+def test_auto_backend_choice():
+    from stt_fast.export.onnxruntime_backend import onnxruntime_available
+
+    from stt_fast.compiler import _resolve_backend
+
+    model = STT(get_config("tiny")).eval()
+    assert onnxruntime_available(), "the test environment installs the export extras"
+    assert _resolve_backend("auto", model, torch.device("cpu")) == "onnxruntime"
+    odd = STT(get_config("tiny").replace(embed_dim=48, num_heads=2)).eval()  # head dim 24: no Triton kernel
+    assert _resolve_backend("auto", odd, torch.device("cuda")) == "torch"
+    assert _resolve_backend("auto", model, torch.device("cuda")) == "triton"
+
+
+def test_onnxruntime_backend_reuses_its_cached_export(tmp_path):
+    model = trained_looking(get_config("tiny-joint"))
+    first = stt_fast.compile(model, cache_dir=tmp_path)
+    assert first.backend == "onnxruntime" and first.validation.passed
+    graphs = list(tmp_path.rglob("*.onnx"))
+    assert len(graphs) == 1
+    stamp = graphs[0].stat().st_mtime_ns
+    second = stt_fast.compile(model, cache_dir=tmp_path)
+    assert list(tmp_path.rglob("*.onnx")) == graphs and graphs[0].stat().st_mtime_ns == stamp
+    other = trained_looking(get_config("tiny-joint"), seed=1)  # other weights: another graph
+    stt_fast.compile(other, cache_dir=tmp_path)
+    assert len(list(tmp_path.rglob("*.onnx"))) == 2
+    x = clips(model.config)
+    torch.testing.assert_close(first(x), second(x))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")

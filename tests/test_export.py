@@ -236,6 +236,23 @@ def test_sidecar_missing_or_foreign_and_engine_hash(tmp_path):
         check_engine_bytes(b"engine by", side, engine)
 
 
+def test_sidecar_from_onnx_metadata_round_trips(exported, tmp_path):
+    from stt_fast.export.engine_runtime import make_sidecar, write_sidecar
+
+    _, path = exported["divided-fp16"]
+    payload = b"placeholder bytes: only the sidecar logic is under test here, no engine is built"
+    side = make_sidecar(engine_bytes=payload, onnx_meta=read_metadata(path), onnx_file=path.name,
+                        onnx_sha256="0" * 64, tensorrt_version="10.3.0",
+                        gpu={"name": "Orin", "compute_capability": "8.7"}, batch=(1, 4, 16))
+    assert side["input"] == {"name": "clips", "dtype": "float32", "shape": [-1, 4, 3, 64, 64]}
+    assert side["output"]["shape"] == [-1, 7] and side["labels"][0] == "Happy" and side["precision"] == "fp16"
+    assert side["profile"] == {"min": 1, "opt": 4, "max": 16} and side["engine_sha256"] == sha256_bytes(payload)
+    check_compatible(side, tensorrt_version="10.3.0", gpu_name="Orin", compute_capability="8.7")
+    engine = tmp_path / "model.engine"
+    write_sidecar(engine, side)
+    assert read_sidecar(engine) == side and [p.name for p in tmp_path.iterdir()] == ["model.engine.json"]
+
+
 def test_runner_refuses_a_truncated_engine_before_loading_it(tmp_path):
     engine = tmp_path / "model.engine"
     engine.write_bytes(b"12345678")

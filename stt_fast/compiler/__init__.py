@@ -22,7 +22,9 @@ __all__ = ["BACKENDS", "CompiledSTT", "ValidationError", "ValidationReport", "co
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "triton", "torch", "tensorrt")
+BACKENDS = ("auto", "triton", "torch", "onnxruntime", "tensorrt")
+BACKEND_OPTIONS = {"onnxruntime": {"cache_dir"},
+                   "tensorrt": {"cache_dir", "batch", "workspace_gib", "optimization_level", "rebuild"}}
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 
@@ -93,7 +95,12 @@ def _resolve_backend(backend: str, model: STT, device: torch.device) -> str:
             return "triton"
         if device.type == "cuda":
             log.warning("stt_fast.compile: using the 'torch' backend because %s", triton_problem)
-        return "torch"
+            return "torch"
+        from stt_fast.export.onnxruntime_backend import onnxruntime_available
+
+        # On the CPU, ONNX Runtime running the exported program was measured faster than the PyTorch
+        # path (benchmarks/results/cpu-*): it is the default where it is installed.
+        return "onnxruntime" if onnxruntime_available() else "torch"
     if backend == "triton" and triton_problem is not None:
         raise ValueError(f"backend 'triton' cannot run this model: {triton_problem}")
     return backend
@@ -107,16 +114,19 @@ def compile(model: STT, *, device: str | torch.device | None = None, dtype: str 
     model: a reference ``stt_fast.STT`` in eval mode (any config, with its weights); it is not modified.
     device: where the compiled module runs; defaults to the model's device.
     dtype: compute precision; float16 by default on CUDA, float32 on the CPU; bfloat16 available.
-    backend: "auto" ("triton" on CUDA, "torch" elsewhere); "triton" (fused Triton attention and
-        add+LayerNorm kernels); "torch" (PyTorch only: SDPA over regrouped tokens; the CPU path);
-        "tensorrt" (an FP16 TensorRT engine, built or reused from a cache; see stt_fast.export).
+    backend: "auto" ("triton" on CUDA; on the CPU "onnxruntime" where installed, else "torch");
+        "triton" (fused Triton attention and add+LayerNorm kernels); "torch" (PyTorch only: SDPA over
+        regrouped tokens, folded BatchNorm, channels_last); "onnxruntime" (the same program exported
+        to ONNX, cached on disk, run by ONNX Runtime); "tensorrt" (an FP16 TensorRT engine, built or
+        reused from a cache; see stt_fast.export).
     cuda_graphs: on CUDA, capture one graph per input shape (at most ``max_graphs``, least recently
         used evicted) so that small batches are not launch-bound.
     validate: run the reference and the compiled module side by side on probe clips and raise
         ValidationError, with the measured error, when the logits differ beyond the precision's
         tolerance (stt_fast.accuracy.TOLERANCES); the report is kept as ``.validation``.
     channels_last: run the backbone's convolutions on channels_last activations.
-    backend_options: options of the "tensorrt" backend (see stt_fast.export.tensorrt_backend).
+    backend_options: options of the "onnxruntime" and "tensorrt" backends (cache_dir; for tensorrt also
+        batch, workspace_gib, optimization_level, rebuild: see stt_fast.export.tensorrt_backend).
 
     Every backend applies the same rewrites (stt_fast.compiler.program): BatchNorm folding, packed
     qkv, proj and temporal_fc folded, fused residual + LayerNorm, last block pruned to the cls row.
@@ -135,13 +145,18 @@ def compile(model: STT, *, device: str | torch.device | None = None, dtype: str 
     dtype = _resolve_dtype(dtype, device)
     backend = _resolve_backend(backend, model, device)
 
+    unknown = sorted(set(backend_options) - BACKEND_OPTIONS.get(backend, set()))
+    if unknown:
+        raise ValueError(f"unknown options for backend {backend!r}: {unknown}")
     if backend == "tensorrt":
         from stt_fast.export.tensorrt_backend import compile_tensorrt
 
         compiled = compile_tensorrt(model, device=device, dtype=dtype, **backend_options)
+    elif backend == "onnxruntime":
+        from stt_fast.export.onnxruntime_backend import compile_onnxruntime
+
+        compiled = compile_onnxruntime(model, device=device, dtype=dtype, **backend_options)
     else:
-        if backend_options:
-            raise ValueError(f"unknown options for backend {backend!r}: {sorted(backend_options)}")
         program = STTProgram(model, ops=backend, channels_last=channels_last).to(device, dtype).eval()
         graphs = GraphCache(program, device, max_graphs) if cuda_graphs and device.type == "cuda" else None
         compiled = CompiledSTT(program, config=model.config, device=device, dtype=dtype, backend=backend,

@@ -1,0 +1,66 @@
+"""stt_fast.compile(model, backend="onnxruntime"): the exported inference program in ONNX Runtime.
+
+On this project's CPU machine it runs the paper configuration faster than the PyTorch path (see
+benchmarks/results), so it is the CPU default of backend="auto" when onnxruntime is installed. The
+graph is the same program the other backends run (BatchNorm folded, last block pruned...), exported
+once and cached under cache_dir (default ~/.cache/stt_fast/onnx).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from stt_fast.inputs import clips_to_float
+from stt_fast.model import STT
+
+from .onnx_cache import cache_key, cache_root, cached_onnx
+from .onnx_export import BatchRange
+from .parity import ort_session, run_session
+
+
+def onnxruntime_available() -> bool:
+    try:
+        import onnxruntime  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class SessionModule(nn.Module):
+    """clips (any dtype the reference takes) -> logits, through one ONNX Runtime session."""
+
+    def __init__(self, session, device: torch.device) -> None:
+        super().__init__()
+        self.session = session
+        self.device = device
+
+    def forward(self, clips: torch.Tensor) -> torch.Tensor:
+        return run_session(self.session, clips_to_float(clips.cpu(), torch.float32)).to(self.device)
+
+
+def compile_onnxruntime(model: STT, *, device: torch.device, dtype: torch.dtype,
+                        cache_dir: str | os.PathLike | None = None):
+    from stt_fast.compiler import CompiledSTT
+
+    if not onnxruntime_available():
+        raise ImportError("backend 'onnxruntime' needs onnxruntime and onnxscript: pip install 'stt-fast[export]'")
+    precision = {torch.float32: "fp32", torch.float16: "fp16"}.get(dtype)
+    if precision is None:
+        raise ValueError(f"backend 'onnxruntime' runs float32 or float16 graphs, not {dtype}")
+    if device.type == "cuda":
+        import onnxruntime as ort
+
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise ValueError("backend 'onnxruntime' on CUDA needs onnxruntime-gpu (no CUDAExecutionProvider here)")
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    else:
+        providers = ["CPUExecutionProvider"]
+    batch = BatchRange(1, 8, 64)
+    folder = cache_root("onnx", cache_dir) / cache_key(model, precision, str(batch))
+    session = ort_session(cached_onnx(model, folder, precision=precision, batch=batch), providers)
+    return CompiledSTT(SessionModule(session, device), config=model.config, device=device, dtype=dtype,
+                       backend="onnxruntime", graphs=None)
