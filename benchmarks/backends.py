@@ -102,10 +102,12 @@ def _stt_fast(dtype: torch.dtype, backend: str = "auto"):
         import stt_fast
 
         def make():
-            options = {"cache_dir": workdir / "onnx-cache"} if backend == "auto" and device.type == "cpu" else {}
+            cache = workdir / f"cache-{backend}-{dtype}"
+            options = {"cache_dir": cache} if backend == "auto" and device.type == "cpu" else {}
             compiled = stt_fast.compile(model, device=device, dtype=dtype, backend=backend, validate=False,
                                         **options)
-            return compiled, _param_bytes(compiled.program), f"backend={compiled.backend}"
+            size = _param_bytes(compiled.program) or sum(f.stat().st_size for f in cache.rglob("*.onnx"))
+            return compiled, size, f"backend={compiled.backend}"
 
         return _timed(make, device)
 

@@ -1,11 +1,13 @@
 """The benchmark suite: every available backend x every batch size, latency and accuracy side by side.
 
-For each backend: build time (compile / export / engine build), then per batch size the first call's
-time (compilation, autotuning, graph capture happen there), the steady-state latency (median, p90, p99
-after warm-up), throughput, peak memory, and accuracy against the float32 reference on the same inputs
-(relative and max error, top-1 agreement). With a labelled set: WAR and UAR and their difference to
-the reference. Speed is also given as a ratio to eager-fp32 measured in the same run, and as a
-fraction of the machine's measured matmul peak (model FLOPs / time / peak).
+Every backend is built first (build time: compile / export / engine build). Then per batch size: each
+backend's first call (compilation, autotuning, graph capture happen there) and its accuracy against
+the float32 reference on the same inputs (relative and max error, top-1 agreement), and the memory
+that call needed (CUDA: allocated beyond what was held before it; CPU: the process's peak RSS); then
+the steady-state latency of all backends, timed in interleaved rounds so that a slow spell of the
+machine hits them alike (median, p90, p99), and throughput. With a labelled set: WAR and UAR and their
+difference to the reference. Speed is also given as a ratio to eager-fp32 measured in the same run,
+and as a fraction of the machine's measured matmul peak (model FLOPs / time / peak).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from stt_fast.model import STT
 
 from .backends import REFERENCE, Backend, Built, resolve
 from .machine import machine_header, measure_ceilings
-from .timing import measure
+from .timing import measure_interleaved, time_once
 
 SCHEMA = 1
 DEFAULT_RESULTS = Path(__file__).resolve().parent / "results"
@@ -53,12 +55,6 @@ def exact_float32():
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-def _peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process-wide peak (Linux: KiB)
-
-
 def _labelled_accuracy(built: Built, dataset) -> dict:
     from stt_fast.training import evaluate
 
@@ -67,52 +63,55 @@ def _labelled_accuracy(built: Built, dataset) -> dict:
     return {"war": result["war"], "uar": result["uar"], "samples": result["samples"]}
 
 
-def run_backend(backend: Backend, model: STT, device: torch.device, inputs: dict[int, torch.Tensor],
-                references: dict[int, torch.Tensor], workdir: Path, *, flops_per_clip: int, peak_tflops: float,
-                min_seconds: float, dataset=None, bar=None) -> dict:
-    """One backend's record: build, then every batch size (see the module docstring)."""
+def _build(backend: Backend, model: STT, device: torch.device, workdir: Path) -> tuple[dict, Built | None]:
     record: dict = {"backend": backend.name, "precision": backend.precision}
     reason = backend.unavailable(device)
     if reason:
-        if bar is not None:
-            bar.update(len(inputs))
-        return record | {"skipped": reason}
+        return record | {"skipped": reason}, None
     try:
         built = backend.build(model, device, workdir)
     except Exception as e:  # a backend that fails to build is reported, the suite goes on
-        if bar is not None:
-            bar.update(len(inputs))
-        return record | {"error": f"build failed: {e}", "traceback": traceback.format_exc(limit=3)}
-    record |= {"build_seconds": round(built.build_seconds, 3), "size_bytes": built.size_bytes, "notes": built.notes,
-               "batches": []}
-    for batch, clips in inputs.items():
-        if bar is not None:
-            bar.set_postfix_str(f"{backend.name} batch {batch}")
+        return record | {"error": f"build failed: {e}", "traceback": traceback.format_exc(limit=3)}, None
+    return record | {"build_seconds": round(built.build_seconds, 3), "size_bytes": built.size_bytes,
+                     "notes": built.notes, "batches": []}, built
+
+
+def _first_call(built: Built, x: torch.Tensor, device: torch.device) -> tuple[float, torch.Tensor, float]:
+    """(first call ms, logits, memory in MiB the call needed beyond what was allocated before it)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+    with torch.no_grad():
+        ms = time_once(lambda: built.run(x), device)
+        logits = built.run(x).float().cpu()
+    if device.type == "cuda":
+        extra = (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    else:
+        extra = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process-wide peak RSS (Linux: KiB)
+    return ms, logits, extra
+
+
+def run_batch(records: list[dict], builts: list[Built], batch: int, clips: torch.Tensor, reference: torch.Tensor,
+              device: torch.device, *, flops_per_clip: int, peak_tflops: float, min_seconds: float) -> None:
+    """First call and accuracy of every built backend, then their steady-state times, interleaved."""
+    inputs, entries = [], []
+    for built in builts:
         x = clips.to(built.input_device)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
-        first = measure(lambda x=x: built.run(x), device, warmup=0, min_runs=1, max_runs=1, min_seconds=0)
-        with torch.no_grad():
-            logits = built.run(x).float().cpu()
-        timing = measure(lambda x=x: built.run(x), device, warmup=2, min_runs=5, min_seconds=min_seconds)
+        first_ms, logits, memory = _first_call(built, x, device)
+        inputs.append(x)
+        entries.append({"batch": batch, "first_call_ms": round(first_ms, 3), "peak_memory_mb": round(memory, 1),
+                        "accuracy": {"relative_error": relative_error(logits, reference),
+                                     "max_abs_error": max_abs_error(logits, reference),
+                                     "top1_agreement": top1_agreement(logits, reference)}})
+    fns = {r["backend"]: (lambda b=b, x=x: b.run(x)) for r, b, x in zip(records, builts, inputs)}
+    timings = measure_interleaved(fns, device, warmup=2, min_runs=5, min_seconds=min_seconds)
+    for record, entry in zip(records, entries):
+        timing = timings[record["backend"]]
         seconds = timing.median_ms / 1e3
-        record["batches"].append({
-            "batch": batch,
-            "first_call_ms": round(first.median_ms, 3),
-            "timing": timing.to_dict(),
-            "clips_per_second": batch / seconds,
-            "peak_memory_mb": round(_peak_memory_mb(device), 1),
-            "fraction_of_peak": flops_per_clip * batch / seconds / (peak_tflops * 1e12),
-            "accuracy": {"relative_error": relative_error(logits, references[batch]),
-                         "max_abs_error": max_abs_error(logits, references[batch]),
-                         "top1_agreement": top1_agreement(logits, references[batch])},
-        })
-        if bar is not None:
-            bar.update(1)
-    if dataset is not None:
-        record["labelled"] = _labelled_accuracy(built, dataset)
-    return record
+        entry |= {"timing": timing.to_dict(), "clips_per_second": batch / seconds,
+                  "fraction_of_peak": flops_per_clip * batch / seconds / (peak_tflops * 1e12)}
+        record["batches"].append(entry)
 
 
 def _ratios(records: list[dict]) -> None:
@@ -161,17 +160,22 @@ def run_suite(config_name: str = "paper", *, batch_sizes: list[int] | None = Non
         reference = model.to(device)
         references = {b: reference(x.to(device)).float().cpu() for b, x in inputs.items()}
         model.cpu()
-    records = []
-    bar = tqdm(total=len(chosen) * len(batch_sizes), desc="[bench]", disable=not progress, unit="run")
+    records, builts = [], []
     with tempfile.TemporaryDirectory(prefix="stt_fast-bench-") as tmp:
-        for backend in chosen:
-            records.append(run_backend(backend, model, device, inputs, references, Path(tmp),
-                                       flops_per_clip=cost.flops_per_clip, peak_tflops=ceilings["matmul_tflops"],
-                                       min_seconds=min_seconds, dataset=labelled, bar=bar))
-            gc.collect()  # the backend built above is gone: give its memory back before the next
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-    bar.close()
+        for backend in tqdm(chosen, desc="[bench] build", disable=not progress, unit="backend"):
+            record, built = _build(backend, model, device, Path(tmp))
+            records.append(record)
+            builts.append(built)
+        running = [(r, b) for r, b in zip(records, builts) if b is not None]
+        for batch in tqdm(batch_sizes, desc="[bench] batch sizes", disable=not progress, unit="batch"):
+            run_batch([r for r, _ in running], [b for _, b in running], batch, inputs[batch], references[batch],
+                      device, flops_per_clip=cost.flops_per_clip, peak_tflops=ceilings["matmul_tflops"],
+                      min_seconds=min_seconds)
+        if labelled is not None:
+            for record, built in tqdm(running, desc="[bench] labelled set", disable=not progress, unit="backend"):
+                record["labelled"] = _labelled_accuracy(built, labelled)
+        del running, builts
+        gc.collect()
     _ratios(records)
     result = {
         "schema": SCHEMA,

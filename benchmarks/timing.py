@@ -1,7 +1,11 @@
 """The one timing helper of the project: warm up, then time many device-synchronised runs.
 
-On CUDA each run is bracketed by CUDA events on the current stream (the host never waits between
-runs' start and end events); on the CPU by time.perf_counter. Reported: median, p90, p99, mean, min.
+On CUDA each run is bracketed by CUDA events on the current stream; on the CPU by time.perf_counter.
+Reported: median, p90, p99, mean, min.
+
+measure() times one function. measure_interleaved() times several functions in round-robin rounds,
+so that a slow spell of a shared or throttling machine hits all of them alike and the ratios between
+them, which is what the suite reports, stay fair.
 """
 
 from __future__ import annotations
@@ -42,27 +46,51 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(fn: Callable[[], object], device: torch.device | str = "cpu", *, warmup: int = 3,
-            min_runs: int = 10, max_runs: int = 200, min_seconds: float = 1.0) -> Timing:
-    """Time fn() after `warmup` calls: at least min_runs runs and min_seconds in total, at most max_runs."""
-    device = torch.device(device)
-    for _ in range(warmup):
+def time_once(fn: Callable[[], object], device: torch.device) -> float:
+    """Milliseconds of one device-synchronised call."""
+    if device.type == "cuda":
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
         fn()
-    synchronize(device)
-    samples: list[float] = []
-    started = time.perf_counter()
-    while len(samples) < max_runs and (len(samples) < min_runs or time.perf_counter() - started < min_seconds):
-        if device.type == "cuda":
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            begin.record()
-            fn()
-            end.record()
-            end.synchronize()
-            samples.append(begin.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            samples.append((time.perf_counter() - t0) * 1e3)
+        end.record()
+        end.synchronize()
+        return begin.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def summarize(samples: list[float], warmup: int) -> Timing:
     ordered = sorted(samples)
     return Timing(statistics.median(ordered), percentile(ordered, 90), percentile(ordered, 99),
                   statistics.fmean(ordered), ordered[0], len(ordered), warmup)
+
+
+def measure(fn: Callable[[], object], device: torch.device | str = "cpu", *, warmup: int = 3,
+            min_runs: int = 10, max_runs: int = 200, min_seconds: float = 1.0) -> Timing:
+    """Time fn() after `warmup` calls: at least min_runs runs and min_seconds in total, at most max_runs."""
+    return measure_interleaved({"fn": fn}, device, warmup=warmup, min_runs=min_runs, max_runs=max_runs,
+                               min_seconds=min_seconds)["fn"]
+
+
+def measure_interleaved(fns: dict[str, Callable[[], object]], device: torch.device | str = "cpu", *,
+                        warmup: int = 3, min_runs: int = 10, max_runs: int = 200, min_seconds: float = 1.0,
+                        runs_per_round: int = 1) -> dict[str, Timing]:
+    """Time each function: rounds of `runs_per_round` calls of each in turn, until every one has at least
+    min_runs runs and at least min_seconds of its own run time (at most max_runs)."""
+    device = torch.device(device)
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    synchronize(device)
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+
+    def more(name: str) -> bool:
+        runs = samples[name]
+        return len(runs) < max_runs and (len(runs) < min_runs or sum(runs) < min_seconds * 1e3)
+
+    while any(more(name) for name in fns):
+        for name, fn in fns.items():
+            if more(name):
+                samples[name].extend(time_once(fn, device) for _ in range(runs_per_round))
+    return {name: summarize(runs, warmup) for name, runs in samples.items()}

@@ -25,20 +25,27 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> t
     return torch.matmul(probs, v).transpose(-2, -3)
 
 
+def grouped_attention(attend_fn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, num_frames: int, mode: str,
+                      scale: float | None = None) -> torch.Tensor:
+    """Regroup the tokens for `mode` (stt_fast.layout), run attend_fn(q, k, v, scale) on [..., S, H, Dh]
+    groups, and put the results back in token order: a contiguous [B, L, H, Dh]."""
+    shape = check_attention_inputs(q, k, v, num_frames=num_frames, mode=mode)
+    scale = shape.head_dim**-0.5 if scale is None else scale
+    if mode == "joint":
+        out = attend_fn(q, k, v, scale)
+    elif mode == "temporal":
+        groups = [layout.to_temporal_groups(t, num_frames) for t in (q, k, v)]
+        out = layout.from_temporal_groups(attend_fn(*groups, scale))
+    else:
+        groups = [layout.to_spatial_groups(t, num_frames) for t in (q, k, v)]
+        out = layout.from_spatial_groups(attend_fn(*groups, scale))
+    return out.contiguous()
+
+
 def st_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, num_frames: int,
                            mode: str, scale: float | None = None) -> torch.Tensor:
     """Spatio-temporal attention, same contract as ``stt_fast.kernels.st_attention``.
 
     q, k, v: [B, L, H, Dh] (any strides), L = 1 + num_frames * N. Returns a contiguous [B, L, H, Dh].
     """
-    shape = check_attention_inputs(q, k, v, num_frames=num_frames, mode=mode)
-    scale = shape.head_dim**-0.5 if scale is None else scale
-    if mode == "joint":
-        out = attend(q, k, v, scale)
-    elif mode == "temporal":
-        groups = [layout.to_temporal_groups(t, num_frames) for t in (q, k, v)]
-        out = layout.from_temporal_groups(attend(*groups, scale))
-    else:
-        groups = [layout.to_spatial_groups(t, num_frames) for t in (q, k, v)]
-        out = layout.from_spatial_groups(attend(*groups, scale))
-    return out.contiguous()
+    return grouped_attention(attend, q, k, v, num_frames=num_frames, mode=mode, scale=scale)

@@ -11,9 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from stt_fast import layout
-
-from .contract import check_attention_inputs
+from .st_attention_reference import grouped_attention
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -31,14 +29,4 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> to
 def st_attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, num_frames: int, mode: str,
                       scale: float | None = None) -> torch.Tensor:
     """Spatio-temporal attention by SDPA over regrouped tokens: [B, L, H, Dh] -> contiguous [B, L, H, Dh]."""
-    shape = check_attention_inputs(q, k, v, num_frames=num_frames, mode=mode)
-    scale = shape.head_dim**-0.5 if scale is None else scale
-    if mode == "joint":
-        out = _sdpa(q, k, v, scale)
-    elif mode == "temporal":
-        groups = [layout.to_temporal_groups(t, num_frames) for t in (q, k, v)]
-        out = layout.from_temporal_groups(_sdpa(*groups, scale))
-    else:
-        groups = [layout.to_spatial_groups(t, num_frames) for t in (q, k, v)]
-        out = layout.from_spatial_groups(_sdpa(*groups, scale))
-    return out.contiguous()
+    return grouped_attention(_sdpa, q, k, v, num_frames=num_frames, mode=mode, scale=scale)
