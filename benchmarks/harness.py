@@ -33,7 +33,7 @@ from stt_fast.flops import model_cost
 from stt_fast.model import STT
 
 from .backends import REFERENCE, Backend, Built, resolve
-from .machine import machine_header, measure_ceilings
+from .machine import best_ceilings, machine_header, measure_ceilings
 from .timing import measure_interleaved, time_once
 
 SCHEMA = 1
@@ -93,7 +93,7 @@ def _first_call(built: Built, x: torch.Tensor, device: torch.device) -> tuple[fl
 
 
 def run_batch(records: list[dict], builts: list[Built], batch: int, clips: torch.Tensor, reference: torch.Tensor,
-              device: torch.device, *, flops_per_clip: int, peak_tflops: float, min_seconds: float) -> None:
+              device: torch.device, *, min_seconds: float) -> None:
     """First call and accuracy of every built backend, then their steady-state times, interleaved."""
     inputs, entries = [], []
     for built in builts:
@@ -108,9 +108,7 @@ def run_batch(records: list[dict], builts: list[Built], batch: int, clips: torch
     timings = measure_interleaved(fns, device, warmup=2, min_runs=5, min_seconds=min_seconds)
     for record, entry in zip(records, entries):
         timing = timings[record["backend"]]
-        seconds = timing.median_ms / 1e3
-        entry |= {"timing": timing.to_dict(), "clips_per_second": batch / seconds,
-                  "fraction_of_peak": flops_per_clip * batch / seconds / (peak_tflops * 1e12)}
+        entry |= {"timing": timing.to_dict(), "clips_per_second": batch / (timing.median_ms / 1e3)}
         record["batches"].append(entry)
 
 
@@ -169,13 +167,17 @@ def run_suite(config_name: str = "paper", *, batch_sizes: list[int] | None = Non
         running = [(r, b) for r, b in zip(records, builts) if b is not None]
         for batch in tqdm(batch_sizes, desc="[bench] batch sizes", disable=not progress, unit="batch"):
             run_batch([r for r, _ in running], [b for _, b in running], batch, inputs[batch], references[batch],
-                      device, flops_per_clip=cost.flops_per_clip, peak_tflops=ceilings["matmul_tflops"],
-                      min_seconds=min_seconds)
+                      device, min_seconds=min_seconds)
         if labelled is not None:
             for record, built in tqdm(running, desc="[bench] labelled set", disable=not progress, unit="backend"):
                 record["labelled"] = _labelled_accuracy(built, labelled)
         del running, builts
         gc.collect()
+    ceilings = best_ceilings(ceilings, measure_ceilings(device))
+    for record in records:
+        for entry in record.get("batches", []):
+            entry["fraction_of_peak"] = (cost.flops_per_clip * entry["batch"] / (entry["timing"]["median_ms"] / 1e3)
+                                         / (ceilings["matmul_tflops"] * 1e12))
     _ratios(records)
     result = {
         "schema": SCHEMA,

@@ -47,6 +47,10 @@ def ort_session(path: str | os.PathLike, providers: list[str] | None = None):
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    # Idle worker threads sleep instead of spinning: spinning threads would steal the cores from
+    # whatever runs next in this process (the benchmark's other backends, a training loop).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
 
 
