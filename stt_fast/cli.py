@@ -16,10 +16,11 @@ from .config import DEFAULT_PRESET, PRESETS
 def _cmd_info(args: argparse.Namespace) -> int:
     from .config import get_config
     from .environment import environment_info
-    from .flops import model_cost
+    from .flops import model_cost, program_flops
 
     config = get_config(args.config)
     cost = model_cost(config)
+    compiled_flops = program_flops(config)
     report = {
         "config_name": args.config,
         "config": config.to_dict(),
@@ -29,6 +30,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
         "gflops_per_clip": round(cost.flops_per_clip / 1e9, 3),
         "gflops_per_clip_backbone": round(cost.backbone_flops_per_clip / 1e9, 3),
         "gflops_per_clip_transformer": round(cost.transformer_flops_per_clip / 1e9, 3),
+        "gflops_per_clip_compiled_program": round(compiled_flops / 1e9, 3),
         "environment": environment_info(),
     }
     if args.json:
@@ -41,9 +43,10 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print(f"tokens: T={t['frames']} x N={t['patches_per_frame']} + cls = L={t['sequence_length']}, "
           f"head dim {t['head_dim']}")
     print(f"parameters: {cost.parameters:,} ({cost.parameters / 1e6:.2f} M)")
-    print(f"FLOPs per clip: {report['gflops_per_clip']:.2f} G (backbone "
-          f"{report['gflops_per_clip_backbone']:.2f} G, transformer "
-          f"{report['gflops_per_clip_transformer']:.2f} G; 2 FLOPs per multiply-add)")
+    print(f"FLOPs per clip: {cost.flops_per_clip / 1e9:.2f} G (backbone {cost.backbone_flops_per_clip / 1e9:.2f} G, "
+          f"transformer {cost.transformer_flops_per_clip / 1e9:.2f} G; 2 FLOPs per multiply-add)")
+    print(f"FLOPs per clip executed by stt_fast.compile's program (last block pruned, layers folded): "
+          f"{compiled_flops / 1e9:.2f} G")
     env = report["environment"]
     print("environment:")
     print(f"  python {env['python']}, torch {env['torch']} (CUDA {env['cuda']}), {env['platform']}")
@@ -399,6 +402,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"stt-fast {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into a command that stopped reading (| head)
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

@@ -44,3 +44,17 @@ def model_cost(config: STTConfig) -> ModelCost:
     backbone = sum(next((counts for name, counts in by_module.items() if name.endswith(".backbone")),
                         {}).values())
     return ModelCost(count_parameters(model), int(total), int(backbone), int(total - backbone))
+
+
+def program_flops(config: STTConfig) -> int:
+    """FLOPs per clip of the compiled inference program (stt_fast.compiler.program), which prunes the
+    last block to the cls token and folds layers: what stt_fast.compile actually executes. Counted
+    with the export ops (explicit attention products) on one random clip."""
+    from .compiler.program import STTProgram
+
+    program = STTProgram(STT(config).eval(), ops="export", channels_last=False).eval()
+    clips = torch.rand(1, config.num_frames, 3, config.image_size, config.image_size)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        program(clips)
+    return int(counter.get_total_flops())
