@@ -193,9 +193,11 @@ if HAS_TRITON:
                          False, BLOCK_M, BLOCK_N, HEAD_DIM, DOT_FP32, PRECISION)
 
     def _prune(configs, named_args, **kwargs):
-        mode = kwargs["MODE"]
-        name = {0: "joint", 1: "spatial", 2: "temporal"}[mode]
-        query_len, key_len = _group_lengths(name, named_args["L"], named_args["T"], named_args["N"])
+        # The autotuner passes positional arguments in named_args and keyword arguments (all of ours
+        # but the tensors and strides) in kwargs.
+        args = {**named_args, **kwargs}
+        name = {0: "joint", 1: "spatial", 2: "temporal"}[args["MODE"]]
+        query_len, key_len = _group_lengths(name, args["L"], args["T"], args["N"])
         allowed = set(fitting(name, query_len, key_len))
         kept = [c for c in configs
                 if LaunchConfig(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in allowed]

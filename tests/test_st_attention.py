@@ -118,6 +118,18 @@ def test_traced_as_one_op_by_torch_export():
                                rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("mode,max_block_m", [("joint", 128), ("spatial", 64), ("temporal", 16)])
+def test_autotune_candidates_fit_the_groups_and_the_key_ignores_the_batch(mode, max_block_m):
+    impl = importlib.import_module("stt_fast.kernels.st_attention")
+    tuner = impl._autotuned(mode)
+    assert "B" not in tuner.keys and set(tuner.keys) == {"L", "T", "N", "MODE", "HEAD_DIM"}
+    # the autotuner passes positional arguments separately from keyword ones: both are looked at
+    kept = impl._prune(tuner.configs, {"Q": None}, L=785, T=16, N=49, MODE=impl.MODE_IDS[mode], HEAD_DIM=64)
+    assert kept and all(c.kwargs["BLOCK_M"] <= max_block_m for c in kept)
+    tiny = impl._prune(tuner.configs, {}, L=1 + 3 * 5, T=3, N=5, MODE=impl.MODE_IDS[mode], HEAD_DIM=16)
+    assert all(c.kwargs["BLOCK_M"] == 16 and c.kwargs["BLOCK_N"] == 16 for c in tiny)
+
+
 def _qkv(**over):
     args = dict(b=1, t=3, n=5, h=2, d=16, dtype=torch.float32)
     args.update(over)

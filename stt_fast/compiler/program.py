@@ -70,6 +70,8 @@ class STTProgram(nn.Module):
         self.ops = OPS[ops]
         self.channels_last = channels_last
         self.backbone = FoldedTrunk(model.backbone)
+        if channels_last:  # weights too, so that cuDNN/oneDNN convert nothing per call
+            self.backbone.to(memory_format=torch.channels_last)
         dim = config.embed_dim
         with torch.no_grad():
             proj = model.token_proj
