@@ -72,7 +72,7 @@ def add_layer_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Te
         raise ValueError(f"add_layer_norm supports D <= {MAX_DIM}, got {dim}")
     if cls_period < 0:
         raise ValueError(f"cls_period must be >= 0, got {cls_period}")
-    if x.device.type == "cpu" and not (HAS_TRITON and interpreting()):
+    if x.device.type == "cpu" and not interpreting():
         return add_layer_norm_reference(x, delta, weight, bias, eps, cls_period=cls_period)
     if not HAS_TRITON:
         raise RuntimeError("add_layer_norm on a GPU needs the 'triton' package")

@@ -32,7 +32,6 @@ before each product: the same products the tensor cores form, accumulated in flo
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
@@ -56,8 +55,9 @@ LOG2_E = 1.4426950408889634
 
 
 def interpreting() -> bool:
-    """True when Triton kernels run through its CPU interpreter (decided when triton was imported)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """True when this module's kernels were made for Triton's CPU interpreter: TRITON_INTERPRET=1 was
+    set before triton was imported (setting it later changes nothing, hence the look at the kernel)."""
+    return HAS_TRITON and type(_st_attention_kernel).__name__ == "InterpretedFunction"
 
 
 if HAS_TRITON:
@@ -293,19 +293,20 @@ def st_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, num_frame
     scale = shape.head_dim**-0.5 if scale is None else float(scale)
     if not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
-    if out is None:
-        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or not out.is_contiguous():
+    if out is not None and (out.shape != q.shape or out.dtype != q.dtype or out.device != q.device
+                            or not out.is_contiguous()):
         raise ValueError(f"out must be a contiguous {tuple(q.shape)} {q.dtype} tensor on {q.device}")
-    if torch.compiler.is_compiling():
-        # torch.compile / torch.export see one opaque op (registered below) instead of a launch.
-        return torch.ops.stt_fast.st_attention(q, k, v, num_frames, mode, scale)
-    if q.device.type == "cpu" and not (HAS_TRITON and interpreting()):
-        return out.copy_(st_attention_reference(q, k, v, num_frames=num_frames, mode=mode, scale=scale))
+    if torch.compiler.is_compiling() or (q.device.type == "cpu" and not interpreting()):
+        if torch.compiler.is_compiling():  # torch.compile / torch.export see one opaque op, not a launch
+            result = torch.ops.stt_fast.st_attention(q, k, v, num_frames, mode, scale)
+        else:
+            result = st_attention_reference(q, k, v, num_frames=num_frames, mode=mode, scale=scale)
+        return result if out is None else out.copy_(result)
     if not HAS_TRITON:
         raise RuntimeError("st_attention on a GPU needs the 'triton' package")
-    if q.device.type != "cuda" and q.device.type != "cpu":
+    if q.device.type not in ("cuda", "cpu"):
         raise ValueError(f"st_attention runs on CUDA (or the CPU), got device {q.device}")
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if out is None else out
     _launch(q, k, v, out, shape, mode, scale)
     return out
 

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stt_fast import layout
 from stt_fast.config import STTConfig
 from stt_fast.inputs import clips_to_float
 from stt_fast.model import STT, DividedBlock
@@ -106,7 +107,7 @@ class STTProgram(nn.Module):
         features = self.backbone(frames)  # [B*T, C, g, g]
         features = features.permute(0, 2, 3, 1).reshape(batch, c.num_frames * c.num_patches, -1)
         patches = F.linear(features, self.token_weight).add_(self.token_pos)
-        return torch.cat([self.cls_token.expand(batch, -1, -1), patches], dim=1)
+        return layout.assemble_tokens(self.cls_token, patches.unflatten(1, (c.num_frames, c.num_patches)))
 
     def forward(self, clips: torch.Tensor) -> torch.Tensor:
         c, ops = self.config, self.ops
