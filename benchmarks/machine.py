@@ -8,6 +8,9 @@ and keeps the higher. Each result's "fraction of the limit" is model FLOPs / tim
 
 from __future__ import annotations
 
+import subprocess
+from pathlib import Path
+
 import torch
 
 from stt_fast.environment import environment_info, machine_slug
@@ -15,9 +18,22 @@ from stt_fast.environment import environment_info, machine_slug
 from .timing import measure
 
 
+def source_revision() -> str | None:
+    """The git commit of the code being measured, when it runs from a checkout."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
+                             text=True, timeout=5, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out or None
+
+
 def machine_header(device: torch.device) -> dict:
+    from stt_fast import __version__
+
     info = environment_info()
-    header = {"slug": machine_slug(info, device.type), "device": str(device), **info}
+    header = {"slug": machine_slug(info, device.type), "device": str(device), "stt_fast": __version__,
+              "source_revision": source_revision(), **info}
     if device.type == "cuda":
         header["gpu"] = info["gpus"][device.index or 0]
     return header
