@@ -3,15 +3,10 @@ that has learned something. Built on first use and cached (data set and checkpoi
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from stt_fast.config import get_config
-
-
-def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "stt_fast" / "synthetic"
+from stt_fast.files import cache_root
 
 
 def synthetic_checkpoint(config_name: str = "tiny", *, root: Path | None = None, epochs: int = 30,
@@ -22,7 +17,7 @@ def synthetic_checkpoint(config_name: str = "tiny", *, root: Path | None = None,
     from stt_fast.model import STT
     from stt_fast.training import TrainOptions, train
 
-    root = root or cache_dir()
+    root = root or cache_root("synthetic")
     data = root / "data"
     if not (data / "EmoLabel_DataSplit").is_dir():
         write_synthetic_dfew(data, SynthConfig(), progress=progress)

@@ -5,7 +5,6 @@ compiling the same model again on the same machine skips the export."""
 from __future__ import annotations
 
 import hashlib
-import os
 import tempfile
 from pathlib import Path
 
@@ -14,13 +13,6 @@ from stt_fast.model import STT
 
 from .onnx_export import BatchRange, export_onnx
 from .simplify import simplify_onnx
-
-
-def cache_root(kind: str, cache_dir: str | os.PathLike | None = None) -> Path:
-    if cache_dir is not None:
-        return Path(cache_dir)
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "stt_fast" / kind
 
 
 def cache_key(model: STT, *parts: str) -> str:

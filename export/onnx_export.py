@@ -35,7 +35,8 @@ INPUT_NAME = "clips"
 OUTPUT_NAME = "logits"
 DEFAULT_OPSET = 18
 ATTENTION_OP_OPSET = 23
-PRECISIONS = ("fp32", "fp16")
+PRECISION_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+PRECISIONS = tuple(PRECISION_DTYPES)
 INPUT_DTYPES = {"float32": torch.float32, "uint8": torch.uint8}
 MAX_DYNAMIC_BATCH = 4096
 
@@ -68,6 +69,14 @@ class BatchRange:
 
     def __str__(self) -> str:
         return f"{self.min}:{self.opt}:{self.max}"
+
+
+def graph_precision(dtype: torch.dtype, backend: str) -> str:
+    """The graph precision ("fp32" or "fp16") for a compute dtype; ValueError naming the backend otherwise."""
+    for name, value in PRECISION_DTYPES.items():
+        if value == dtype:
+            return name
+    raise ValueError(f"backend {backend!r} runs float32 or float16 graphs, not {dtype}")
 
 
 def export_program(model: STT, *, precision: str = "fp32", attention_op: bool = False) -> nn.Module:

@@ -13,11 +13,12 @@ import os
 import torch
 from torch import nn
 
+from stt_fast.files import cache_root
 from stt_fast.inputs import clips_to_float
 from stt_fast.model import STT
 
-from .onnx_cache import cache_key, cache_root, cached_onnx
-from .onnx_export import BatchRange
+from .onnx_cache import cache_key, cached_onnx
+from .onnx_export import BatchRange, graph_precision
 from .parity import ort_session, run_session
 
 
@@ -48,9 +49,7 @@ def compile_onnxruntime(model: STT, *, device: torch.device, dtype: torch.dtype,
 
     if not onnxruntime_available():
         raise ImportError("backend 'onnxruntime' needs onnxruntime and onnxscript: pip install 'stt-fast[export]'")
-    precision = {torch.float32: "fp32", torch.float16: "fp16"}.get(dtype)
-    if precision is None:
-        raise ValueError(f"backend 'onnxruntime' runs float32 or float16 graphs, not {dtype}")
+    precision = graph_precision(dtype, "onnxruntime")
     if device.type == "cuda":
         import onnxruntime as ort
 

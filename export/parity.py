@@ -4,42 +4,16 @@ and graph against the float32 reference model (every precision)."""
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from stt_fast.accuracy import max_abs_error, relative_error, tolerance, top1_agreement
+from stt_fast.accuracy import ParityReport, compare_logits, tolerance
 from stt_fast.compiler.validation import probe_clips, reference_logits
 from stt_fast.model import STT
 
-from .onnx_export import INPUT_NAME, read_metadata
-
-PRECISION_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
-
-
-@dataclass(frozen=True)
-class ParityReport:
-    against: str
-    relative_error: float
-    max_abs_error: float
-    top1_agreement: float
-    tolerance: float
-    batch_sizes: tuple[int, ...]
-
-    @property
-    def passed(self) -> bool:
-        return self.relative_error <= self.tolerance
-
-    def to_dict(self) -> dict:
-        return asdict(self) | {"passed": self.passed}
-
-    def __str__(self) -> str:
-        verdict = "ok" if self.passed else "FAILED"
-        return (f"{verdict}: relative error {self.relative_error:.2e} (tolerance {self.tolerance:.0e}), "
-                f"max abs {self.max_abs_error:.2e}, top-1 agreement {self.top1_agreement:.3f} vs {self.against}, "
-                f"batches {list(self.batch_sizes)}")
+from .onnx_export import INPUT_NAME, PRECISION_DTYPES, read_metadata
 
 
 def ort_session(path: str | os.PathLike, providers: list[str] | None = None):
@@ -65,13 +39,6 @@ def probe_inputs(model: STT, batch_sizes, input_dtype: str, seed: int = 0) -> li
     if input_dtype == "uint8":
         probes = [(p * 255).round().to(torch.uint8) for p in probes]
     return probes
-
-
-def compare_logits(against: str, outs: list[torch.Tensor], refs: list[torch.Tensor], tol: float,
-                   batch_sizes) -> ParityReport:
-    out, ref = torch.cat(outs), torch.cat(refs)
-    return ParityReport(against, relative_error(out, ref), max_abs_error(out, ref), top1_agreement(out, ref), tol,
-                        tuple(batch_sizes))
 
 
 def onnx_vs_reference(path: str | os.PathLike, model: STT, batch_sizes=(1, 5), seed: int = 0) -> ParityReport:

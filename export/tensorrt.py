@@ -27,14 +27,14 @@ from typing import Any
 
 import torch
 
-from stt_fast.accuracy import tolerance
+from stt_fast.accuracy import ParityReport, compare_logits, tolerance
 from stt_fast.compiler.validation import reference_logits
 from stt_fast.files import sha256_file, write_bytes_atomic
 from stt_fast.model import STT
 
 from .engine_runtime import HARDWARE_LEVELS, INPUT_NAME, EngineRunner, import_tensorrt, make_sidecar, write_sidecar
-from .onnx_export import BatchRange, config_from_metadata, load_onnx, read_metadata
-from .parity import PRECISION_DTYPES, ParityReport, compare_logits, probe_inputs
+from .onnx_export import PRECISION_DTYPES, BatchRange, config_from_metadata, load_onnx, read_metadata
+from .parity import probe_inputs
 
 
 def _progress_monitor(trt):

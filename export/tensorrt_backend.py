@@ -12,12 +12,13 @@ import os
 import torch
 from torch import nn
 
+from stt_fast.files import cache_root
 from stt_fast.inputs import clips_to_float
 from stt_fast.model import STT
 
 from .engine_runtime import EngineRunner, import_tensorrt
-from .onnx_cache import cache_key, cache_root, cached_onnx
-from .onnx_export import BatchRange
+from .onnx_cache import cache_key, cached_onnx
+from .onnx_export import BatchRange, graph_precision
 from .tensorrt import build_engine
 
 
@@ -42,9 +43,7 @@ def compile_tensorrt(model: STT, *, device: torch.device, dtype: torch.dtype, ba
     trt = import_tensorrt()
     if device.type != "cuda":
         raise ValueError(f"backend 'tensorrt' runs on CUDA devices, not {device}")
-    precision = {torch.float16: "fp16", torch.float32: "fp32"}.get(dtype)
-    if precision is None:
-        raise ValueError(f"backend 'tensorrt' builds float16 or float32 engines, not {dtype}")
+    precision = graph_precision(dtype, "tensorrt")
     batch = BatchRange.parse(batch) if isinstance(batch, str) else batch
     props = torch.cuda.get_device_properties(device)
     root = cache_root("engines", cache_dir)

@@ -7,7 +7,8 @@ NaN or infinity has error infinity, so it never passes.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -63,3 +64,41 @@ def max_abs_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 def top1_agreement(logits: torch.Tensor, ref_logits: torch.Tensor) -> float:
     """Fraction of rows whose arg-max class is the same."""
     return (logits.argmax(-1).cpu() == ref_logits.argmax(-1).cpu()).double().mean().item()
+
+
+def logits_agreement(logits: torch.Tensor, ref_logits: torch.Tensor) -> dict[str, float]:
+    """relative_error, max_abs_error and top1_agreement of logits against reference logits."""
+    return {"relative_error": relative_error(logits, ref_logits), "max_abs_error": max_abs_error(logits, ref_logits),
+            "top1_agreement": top1_agreement(logits, ref_logits)}
+
+
+@dataclass(frozen=True)
+class ParityReport:
+    """How closely some logits follow reference logits on probe clips, and whether that is close enough."""
+
+    against: str
+    relative_error: float
+    max_abs_error: float
+    top1_agreement: float
+    tolerance: float
+    batch_sizes: tuple[int, ...]
+
+    @property
+    def passed(self) -> bool:
+        return self.relative_error <= self.tolerance
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"passed": self.passed}
+
+    def __str__(self) -> str:
+        verdict = "ok" if self.passed else "FAILED"
+        return (f"{verdict}: relative error {self.relative_error:.2e} (tolerance {self.tolerance:.0e}), "
+                f"max abs {self.max_abs_error:.2e}, top-1 agreement {self.top1_agreement:.3f} vs {self.against}, "
+                f"batches {list(self.batch_sizes)}")
+
+
+def compare_logits(against: str, outs: Sequence[torch.Tensor], refs: Sequence[torch.Tensor], tol: float,
+                   batch_sizes: Sequence[int]) -> ParityReport:
+    """One report over several probe batches (outs[i] against refs[i])."""
+    return ParityReport(against, tolerance=tol, batch_sizes=tuple(batch_sizes),
+                        **logits_agreement(torch.cat(list(outs)), torch.cat(list(refs))))

@@ -197,7 +197,8 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     if getattr(args, "bench_action", None) == "report":
         return _cmd_bench_report(args)
-    from stt_fast.benchmarks.harness import DEFAULT_RESULTS, format_table, run_suite
+    from stt_fast.benchmarks.harness import DEFAULT_RESULTS, run_suite
+    from stt_fast.benchmarks.report import markdown
     from stt_fast.checkpoint import load_checkpoint
 
     labelled, checkpoint, name = None, args.checkpoint, None
@@ -222,7 +223,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     result, path = run_suite(args.config, batch_sizes=batch_sizes, backends=backends, device=args.device,
                              checkpoint=checkpoint, labelled=labelled, output_dir=output,
                              min_seconds=args.min_seconds, name=name)
-    print(format_table(result))
+    print(markdown([result]))
     if path:
         print(f"[bench] result written to {path}")
     return 0

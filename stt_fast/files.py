@@ -49,6 +49,15 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     return Path(path)
 
 
+def cache_root(kind: str, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Where stt_fast caches `kind` (exported graphs, engines, the synthetic model): cache_dir when
+    given, else $XDG_CACHE_HOME/stt_fast/<kind> (~/.cache/stt_fast/<kind>)."""
+    if cache_dir is not None:
+        return Path(cache_dir)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "stt_fast" / kind
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:

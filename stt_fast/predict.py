@@ -13,21 +13,16 @@ from collections.abc import Sequence
 import torch
 
 from .config import EMOTIONS
+from .data.datasets import load_clip
 from .data.face import Detector, crop_to_face
-from .data.sampling import sample_indices, segments_for
-from .data.transforms import eval_transform
-from .data.video import read_clip
 from .predictors import Predictor
 
 
 def load_for_prediction(path: str | os.PathLike, num_frames: int, image_size: int, *, detect_face: bool = False,
                         detector: Detector | None = None) -> torch.Tensor:
     """float32 [T, 3, S, S] clip ready for the model (test-time sampling and transform)."""
-    segments = segments_for(num_frames)
-    frames = read_clip(path, lambda n: sample_indices(n, segments=segments, frames_per_segment=2, train=False))
-    if detect_face:
-        frames = crop_to_face(frames, str(path), detector)
-    return eval_transform(frames, image_size)
+    prepare = (lambda frames: crop_to_face(frames, str(path), detector)) if detect_face else None
+    return load_clip(path, num_frames=num_frames, image_size=image_size, prepare=prepare)
 
 
 def predict_paths(paths: Sequence[str | os.PathLike], predictor: Predictor, *, detect_face: bool = False,

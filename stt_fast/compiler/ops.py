@@ -13,7 +13,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from stt_fast.kernels import add_layer_norm, st_attention, st_attention_reference, st_attention_sdpa
+from stt_fast.kernels import (
+    add_layer_norm,
+    add_layer_norm_reference,
+    st_attention,
+    st_attention_reference,
+    st_attention_sdpa,
+)
 
 
 class TorchOps:
@@ -56,15 +62,8 @@ class ExportOps:
 
     @staticmethod
     def add_layer_norm(x, delta, weight, bias, eps: float, cls_period: int = 0):
-        if delta is not None:
-            if cls_period:
-                dim = x.shape[-1]
-                rows, add = x.reshape(-1, cls_period, dim), delta.reshape(-1, cls_period, dim)
-                x = torch.cat([rows[:, :1], rows[:, 1:] + add[:, 1:]], dim=1).view(x.shape)
-            else:
-                x = x + delta
-        z = F.layer_norm(x.float(), x.shape[-1:], weight.float(), bias.float(), eps)
-        return x, z.to(x.dtype)
+        # The kernel's reference: out of place, add and LayerNorm in float32 whatever x's precision.
+        return add_layer_norm_reference(x, delta, weight, bias, eps, cls_period=cls_period)
 
 
 class ExportAttentionOps(ExportOps):

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass
 
 import torch
 
-from stt_fast.accuracy import max_abs_error, relative_error, tolerance, top1_agreement
+from stt_fast.accuracy import ParityReport, compare_logits, tolerance
 from stt_fast.model import STT
 
 
@@ -15,21 +14,8 @@ class ValidationError(RuntimeError):
     """A compiled module whose logits differ from the reference's beyond its precision's tolerance."""
 
 
-@dataclass(frozen=True)
-class ValidationReport:
-    relative_error: float
-    max_abs_error: float
-    top1_agreement: float
-    tolerance: float
-    probe_batch: int
-    dtype: str
-
-    @property
-    def passed(self) -> bool:
-        return self.relative_error <= self.tolerance
-
-    def to_dict(self) -> dict:
-        return asdict(self) | {"passed": self.passed}
+# The report of a validation is the project's one logits-vs-reference report.
+ValidationReport = ParityReport
 
 
 def probe_clips(model: STT, batch: int = 2, seed: int = 0) -> torch.Tensor:
@@ -52,8 +38,7 @@ def validate(model: STT, compiled, dtype: torch.dtype, *, batch: int = 2, seed: 
     expected = reference_logits(model, clips)
     with torch.no_grad():
         got = compiled(clips).cpu()
-    report = ValidationReport(relative_error(got, expected), max_abs_error(got, expected),
-                              top1_agreement(got, expected), tolerance(dtype).model, batch, str(dtype))
+    report = compare_logits("the float32 reference model", [got], [expected], tolerance(dtype).model, [batch])
     if raise_on_failure and not report.passed:
         raise ValidationError(
             f"compiled logits differ from the reference: relative error {report.relative_error:.3e} > "

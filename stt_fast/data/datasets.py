@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import os
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,6 +120,22 @@ def class_folder_items(root: str | os.PathLike) -> list[ClipItem]:
     return items
 
 
+def load_clip(path: str | os.PathLike, *, num_frames: int, image_size: int, train: bool = False,
+              crop_scale: tuple[float, float] = (0.08, 1.0),
+              prepare: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """One clip ready for the model: float32 [num_frames, 3, image_size, image_size] in [0, 1].
+
+    Frames sampled TSN-style (2 per segment; random offsets when train), `prepare` applied to the raw
+    uint8 frames (a face crop, for prediction), then the training or test transform.
+    """
+    segments = segments_for(num_frames)
+    frames = read_clip(path, lambda n: sample_indices(n, segments=segments, frames_per_segment=2, train=train,
+                                                      rng=random))
+    if prepare is not None:
+        frames = prepare(frames)
+    return train_transform(frames, image_size, scale=crop_scale) if train else eval_transform(frames, image_size)
+
+
 class ClipDataset(Dataset):
     """(clip float32 [T, 3, S, S] in [0, 1], label, path, error) per item.
 
@@ -135,19 +152,14 @@ class ClipDataset(Dataset):
         self.items = list(items)
         self.num_frames, self.image_size, self.train, self.skip_bad = num_frames, image_size, train, skip_bad
         self.crop_scale = crop_scale
-        self.segments = segments_for(num_frames)
+        segments_for(num_frames)  # an odd frame count is refused here, not at the first clip
 
     def __len__(self) -> int:
         return len(self.items)
 
     def load(self, item: ClipItem) -> torch.Tensor:
-        def choose(n):
-            return sample_indices(n, segments=self.segments, frames_per_segment=2, train=self.train, rng=random)
-
-        frames = read_clip(item.path, choose)
-        if self.train:
-            return train_transform(frames, self.image_size, scale=self.crop_scale)
-        return eval_transform(frames, self.image_size)
+        return load_clip(item.path, num_frames=self.num_frames, image_size=self.image_size, train=self.train,
+                         crop_scale=self.crop_scale)
 
     def __getitem__(self, index: int):
         item = self.items[index]
