@@ -95,20 +95,40 @@ def _first_call(built: Built, x: torch.Tensor, device: torch.device) -> tuple[fl
 
 def run_batch(records: list[dict], builts: list[Built], batch: int, clips: torch.Tensor, reference: torch.Tensor,
               device: torch.device, *, min_seconds: float) -> None:
-    """First call and accuracy of every built backend, then their steady-state times, interleaved."""
-    inputs, entries = [], []
-    for built in builts:
+    """First call and accuracy of every built backend, then their steady-state times, interleaved. A
+    backend that fails at this batch size gets an error entry and is left out of the timing."""
+    fns, entries = {}, {}
+    for record, built in zip(records, builts):
         x = clips.to(built.input_device)
-        first_ms, logits, memory = _first_call(built, x, device)
-        inputs.append(x)
-        entries.append({"batch": batch, "first_call_ms": round(first_ms, 3), "peak_memory_mb": round(memory, 1),
-                        "accuracy": logits_agreement(logits, reference)})
-    fns = {r["backend"]: (lambda b=b, x=x: b.run(x)) for r, b, x in zip(records, builts, inputs)}
+        try:
+            first_ms, logits, memory = _first_call(built, x, device)
+        except Exception as e:  # a backend that fails is reported, the suite goes on
+            record["batches"].append({"batch": batch, "error": f"{type(e).__name__}: {e}"})
+            continue
+        entries[record["backend"]] = {"batch": batch, "first_call_ms": round(first_ms, 3),
+                                      "peak_memory_mb": round(memory, 1),
+                                      "accuracy": logits_agreement(logits, reference)}
+        fns[record["backend"]] = lambda b=built, x=x: b.run(x)
     timings = measure_interleaved(fns, device, warmup=2, min_runs=5, min_seconds=min_seconds)
-    for record, entry in zip(records, entries):
+    for record in records:
+        entry = entries.get(record["backend"])
+        if entry is None:
+            continue
         timing = timings[record["backend"]]
         entry |= {"timing": timing.to_dict(), "clips_per_second": batch / (timing.median_ms / 1e3)}
         record["batches"].append(entry)
+
+
+def failures(result: dict) -> list[str]:
+    """The backends that errored (at build, or at some batch size); unavailable ones are not failures."""
+    found = []
+    for record in result["results"]:
+        if "error" in record:
+            found.append(f"{record['backend']}: {record['error']}")
+        for b in record.get("batches", []):
+            if "error" in b:
+                found.append(f"{record['backend']} batch {b['batch']}: {b['error']}")
+    return found
 
 
 def _ratios(records: list[dict]) -> None:

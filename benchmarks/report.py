@@ -150,16 +150,35 @@ def plots(results: list[dict], out_dir: str | os.PathLike) -> list[Path]:
 
 
 def compare(current: dict, baseline: dict, threshold: float = 0.10) -> list[str]:
-    """Regressions of current against baseline: a median latency more than `threshold` slower, a lower
-    top-1 agreement, a relative error above both 2x the baseline's and 1e-6; [] when none."""
+    """Regressions of current against baseline; [] when none. A regression is: a backend or batch size
+    measured in the baseline that is missing from the current run or failed there (skipped as
+    unavailable, errored); a median latency more than `threshold` slower; a lower top-1 agreement; a
+    relative error above both 2x the baseline's and 1e-6."""
     found = []
-    base = {(r["backend"], b["batch"]): b for r in baseline["results"] for b in r.get("batches", [])}
-    for r in current["results"]:
-        for b in r.get("batches", []):
-            old = base.get((r["backend"], b["batch"]))
-            if old is None:
+    now = {r["backend"]: r for r in current["results"]}
+    for old_record in baseline["results"]:
+        name = old_record["backend"]
+        if "batches" not in old_record:
+            continue  # not measured in the baseline either
+        record = now.get(name)
+        if record is None:
+            found.append(f"{name}: measured in the baseline, missing from this run")
+            continue
+        if "batches" not in record:
+            found.append(f"{name}: measured in the baseline, not in this run "
+                         f"({record.get('error') or record.get('skipped')})")
+            continue
+        batches = {b["batch"]: b for b in record["batches"]}
+        for old in old_record["batches"]:
+            where = f"{name} batch {old['batch']}"
+            b = batches.get(old["batch"])
+            if b is None or "timing" not in old:
+                if b is None:
+                    found.append(f"{where}: measured in the baseline, missing from this run")
                 continue
-            where = f"{r['backend']} batch {b['batch']}"
+            if "timing" not in b:
+                found.append(f"{where}: failed in this run ({b.get('error')})")
+                continue
             new_ms, old_ms = b["timing"]["median_ms"], old["timing"]["median_ms"]
             if new_ms > old_ms * (1 + threshold):
                 found.append(f"{where}: median {new_ms:.3f} ms vs {old_ms:.3f} ms "

@@ -62,4 +62,4 @@ def compile_onnxruntime(model: STT, *, device: torch.device, dtype: torch.dtype,
     folder = cache_root("onnx", cache_dir) / cache_key(model, precision, str(batch))
     session = ort_session(cached_onnx(model, folder, precision=precision, batch=batch), providers)
     return CompiledSTT(SessionModule(session, device), config=model.config, device=device, dtype=dtype,
-                       backend="onnxruntime", graphs=None)
+                       backend="onnxruntime")

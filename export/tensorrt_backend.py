@@ -56,5 +56,4 @@ def compile_tensorrt(model: STT, *, device: torch.device, dtype: torch.dtype, ba
                      optimization_level=optimization_level, timing_cache=root / "timing.cache",
                      reference_model=model, device=device.index or 0)
     runner = EngineRunner(engine, buffers="torch", device=device.index or 0)
-    return CompiledSTT(EngineModule(runner), config=model.config, device=device, dtype=dtype, backend="tensorrt",
-                       graphs=None)
+    return CompiledSTT(EngineModule(runner), config=model.config, device=device, dtype=dtype, backend="tensorrt")

@@ -13,9 +13,10 @@ cls row of every clip keeps x. One program normalises one row of D <= 8192 eleme
 from __future__ import annotations
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from .add_layer_norm_reference import add_layer_norm_reference
-from .st_attention import HAS_TRITON, interpreting
+from .st_attention import HAS_TRITON, _log_cpu_fallback_once, interpreting
 
 if HAS_TRITON:
     import triton
@@ -72,7 +73,10 @@ def add_layer_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Te
         raise ValueError(f"add_layer_norm supports D <= {MAX_DIM}, got {dim}")
     if cls_period < 0:
         raise ValueError(f"cls_period must be >= 0, got {cls_period}")
+    if is_fake(x):  # fake-tensor tracing: the reference has the same shapes, dtypes and aliasing rules
+        return add_layer_norm_reference(x, delta, weight, bias, eps, cls_period=cls_period)
     if x.device.type == "cpu" and not interpreting():
+        _log_cpu_fallback_once()
         return add_layer_norm_reference(x, delta, weight, bias, eps, cls_period=cls_period)
     if not HAS_TRITON:
         raise RuntimeError("add_layer_norm on a GPU needs the 'triton' package")

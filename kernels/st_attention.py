@@ -31,12 +31,14 @@ before each product: the same products the tensor cores form, accumulated in flo
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from .contract import check_attention_inputs
-from .st_attention_configs import CLS_BLOCK_M, LaunchConfig, fitting
+from .st_attention_configs import CANDIDATES, CLS_BLOCK_M, LaunchConfig, candidates
 from .st_attention_reference import st_attention_reference
 
 try:
@@ -52,6 +54,17 @@ SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 MODE_IDS = {"joint": 0, "spatial": 1, "temporal": 2}
 MAX_GRID_Y = 65535  # CUDA's limit on the second grid dimension, which holds B * H
 LOG2_E = 1.4426950408889634
+
+log = logging.getLogger(__name__)
+_cpu_fallback_logged = False
+
+
+def _log_cpu_fallback_once() -> None:
+    global _cpu_fallback_logged
+    if not _cpu_fallback_logged:
+        _cpu_fallback_logged = True
+        log.warning("stt_fast.kernels: CPU tensors without TRITON_INTERPRET=1 run the plain-PyTorch references, "
+                 "not the Triton kernels")
 
 
 def interpreting() -> bool:
@@ -198,20 +211,32 @@ if HAS_TRITON:
         args = {**named_args, **kwargs}
         name = {0: "joint", 1: "spatial", 2: "temporal"}[args["MODE"]]
         query_len, key_len = _group_lengths(name, args["L"], args["T"], args["N"])
-        allowed = set(fitting(name, query_len, key_len))
-        kept = [c for c in configs
-                if LaunchConfig(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in allowed]
-        return kept or configs[-1:]
+        allowed = candidates(name, query_len, key_len, _capability(args.get("Q")))
+        kept = [c for c in configs if _launch_config(c) in allowed]
+        kept = kept or configs[-1:]
+        # The interpreter runs programs one by one in Python: it takes the preferred candidate (the
+        # table lists it first) without timing; a single candidate left is what makes the autotuner skip
+        # benchmarking, and everything else (key, pruning, grid(meta)) runs as on a GPU.
+        return kept[:1] if interpreting() else kept
 
     def _autotuned(mode: str):
-        from .st_attention_configs import CANDIDATES
-
         configs = [triton.Config({"BLOCK_M": c.block_m, "BLOCK_N": c.block_n}, num_warps=c.num_warps,
                                  num_stages=c.num_stages) for c in CANDIDATES[mode]]
         return triton.autotune(configs=configs, key=["L", "T", "N", "MODE", "HEAD_DIM"],
                                prune_configs_by={"early_config_prune": _prune})(_st_attention_kernel)
 
     _TUNED = {}
+
+
+def _launch_config(config) -> LaunchConfig:
+    return LaunchConfig(config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages)
+
+
+def _capability(t) -> tuple[int, int] | None:
+    """The compute capability of the GPU holding tensor t; None under the interpreter (no GPU)."""
+    if t is None or not isinstance(t, torch.Tensor) or t.device.type != "cuda":
+        return None
+    return torch.cuda.get_device_capability(t.device)
 
 
 def _group_lengths(mode: str, length: int, frames: int, patches: int) -> tuple[int, int]:
@@ -223,12 +248,19 @@ def _group_lengths(mode: str, length: int, frames: int, patches: int) -> tuple[i
     return frames, frames
 
 
-def _programs_per_head(mode: str, length: int, frames: int, patches: int, block_m: int) -> int:
+def programs_per_head(mode: str, length: int, frames: int, patches: int, block_m: int) -> int:
+    """Grid axis 0: the programs of one (batch, head) for a tile of block_m query rows."""
     if mode == "joint":
         return triton.cdiv(length, block_m)
     if mode == "spatial":
         return 1 + frames * triton.cdiv(patches, block_m)
     return patches * triton.cdiv(frames, block_m)
+
+
+def batch_chunks(batch: int, heads: int, max_grid_y: int | None = None) -> list[tuple[int, int]]:
+    """[b0, b1) ranges of whole clips whose B * H programs fit grid axis 1 (CUDA's limit: 65535)."""
+    per_launch = max(1, (max_grid_y or MAX_GRID_Y) // heads)
+    return [(b0, min(batch, b0 + per_launch)) for b0 in range(0, batch, per_launch)]
 
 
 def check_kernel_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, num_frames: int, mode: str):
@@ -241,39 +273,36 @@ def check_kernel_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, nu
     return shape
 
 
-def _launch(q, k, v, out, shape, mode: str, scale: float) -> None:
-    length, frames, patches = shape.length, shape.num_frames, shape.num_patches
-    interp = q.device.type == "cpu"
-    args = dict(
-        H=shape.heads, L=length, T=frames, N=patches, qk_scale=scale * LOG2_E,
+def kernel_arguments(shape, mode: str, dtype: torch.dtype, scale: float, *, interpreted: bool) -> dict:
+    """The scalar and constexpr arguments of a launch (all but the tensors, their strides and the
+    autotuned BLOCK_M / BLOCK_N). Shared by the launcher and the ahead-of-time compiles (kernels/aot.py)."""
+    return dict(
+        H=shape.heads, L=shape.length, T=shape.num_frames, N=shape.num_patches, qk_scale=scale * LOG2_E,
         MODE=MODE_IDS[mode], HEAD_DIM=shape.head_dim, CLS_BLOCK=CLS_BLOCK_M,
-        DOT_FP32=interp and q.dtype == torch.bfloat16,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        DOT_FP32=interpreted and dtype == torch.bfloat16,
+        # IEEE float32 products for float32 inputs: TF32 would cost ~1e-3 of relative error
+        PRECISION="ieee" if dtype == torch.float32 else "tf32",
     )
+
+
+def tensor_arguments(q, k, v, out) -> list:
+    """The tensors and their strides, in the kernel's order."""
+    return [q, k, v, out, *(s for t in (q, k, v) for s in t.stride()), *out.stride()[:3]]
+
+
+def _launch(q, k, v, out, shape, mode: str, scale: float) -> None:
+    args = kernel_arguments(shape, mode, q.dtype, scale, interpreted=q.device.type == "cpu")
+    kernel = _TUNED.get(mode)
+    if kernel is None:
+        kernel = _TUNED[mode] = _autotuned(mode)
     # B * H rides on grid axis 1 (limit 65535): very large batches go in chunks of whole clips.
-    per_launch = max(1, MAX_GRID_Y // shape.heads)
-    for b0 in range(0, shape.batch, per_launch):
-        b1 = min(shape.batch, b0 + per_launch)
-        tensors = [t[b0:b1] for t in (q, k, v, out)]
-        strides = [s for t in tensors[:3] for s in t.stride()] + list(tensors[3].stride()[:3])
+    for b0, b1 in batch_chunks(shape.batch, shape.heads):
         bh = (b1 - b0) * shape.heads
-        if interp:
-            # The interpreter runs programs one by one in Python: no autotuning, the first fitting
-            # candidate (the table lists the preferred one first).
-            query_len, key_len = _group_lengths(mode, length, frames, patches)
-            cfg = fitting(mode, query_len, key_len)[0]
-            grid = (_programs_per_head(mode, length, frames, patches, cfg.block_m), bh)
-            _st_attention_kernel[grid](*tensors, *strides, **args, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                                       num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        else:
-            kernel = _TUNED.get(mode)
-            if kernel is None:
-                kernel = _TUNED[mode] = _autotuned(mode)
 
-            def grid(meta, bh=bh):
-                return (_programs_per_head(mode, length, frames, patches, meta["BLOCK_M"]), bh)
+        def grid(meta, bh=bh):
+            return (programs_per_head(mode, shape.length, shape.num_frames, shape.num_patches, meta["BLOCK_M"]), bh)
 
-            kernel[grid](*tensors, *strides, **args)
+        kernel[grid](*tensor_arguments(*(t[b0:b1] for t in (q, k, v, out))), **args)
 
 
 def st_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, num_frames: int, mode: str,
@@ -296,11 +325,13 @@ def st_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, num_frame
     if out is not None and (out.shape != q.shape or out.dtype != q.dtype or out.device != q.device
                             or not out.is_contiguous()):
         raise ValueError(f"out must be a contiguous {tuple(q.shape)} {q.dtype} tensor on {q.device}")
-    if torch.compiler.is_compiling() or (q.device.type == "cpu" and not interpreting()):
-        if torch.compiler.is_compiling():  # torch.compile / torch.export see one opaque op, not a launch
-            result = torch.ops.stt_fast.st_attention(q, k, v, num_frames, mode, scale)
-        else:
-            result = st_attention_reference(q, k, v, num_frames=num_frames, mode=mode, scale=scale)
+    if torch.compiler.is_compiling() or is_fake(q):
+        # torch.compile / torch.export and fake-tensor tracing see one opaque op (its fake kernel), not a launch
+        result = torch.ops.stt_fast.st_attention(q, k, v, num_frames, mode, scale)
+        return result if out is None else out.copy_(result)
+    if q.device.type == "cpu" and not interpreting():
+        _log_cpu_fallback_once()
+        result = st_attention_reference(q, k, v, num_frames=num_frames, mode=mode, scale=scale)
         return result if out is None else out.copy_(result)
     if not HAS_TRITON:
         raise RuntimeError("st_attention on a GPU needs the 'triton' package")

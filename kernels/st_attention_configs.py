@@ -58,6 +58,12 @@ CANDIDATES: dict[str, list[LaunchConfig]] = {
 # tl.dot accepts, so the cls row is repeated 16 times and only row 0 is stored.
 CLS_BLOCK_M = 16
 
+# Per-architecture exclusions: (major, minor) -> mode -> {config: why}. A candidate listed for a target
+# is never timed there. Filled from the ahead-of-time compile matrix (`stt-fast kernels aot`), which
+# the CI gate re-checks: no chosen candidate may spill registers or need more shared memory than the
+# target gives a block.
+EXCLUDED: dict[tuple[int, int], dict[str, dict[LaunchConfig, str]]] = {}
+
 
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
@@ -69,3 +75,11 @@ def fitting(mode: str, query_len: int, key_len: int) -> list[LaunchConfig]:
     max_n = max(16, _next_pow2(key_len))
     fits = [c for c in CANDIDATES[mode] if c.block_m <= max_m and c.block_n <= max_n]
     return fits or [min(CANDIDATES[mode], key=lambda c: (c.block_m, c.block_n))]
+
+
+def candidates(mode: str, query_len: int, key_len: int, capability: tuple[int, int] | None) -> list[LaunchConfig]:
+    """The candidates the autotuner times for one group shape on a GPU of this compute capability
+    (None: the interpreter): those that fit the group, less those the target cannot run well."""
+    excluded = EXCLUDED.get(capability, {}).get(mode, {}) if capability else {}
+    fits = fitting(mode, query_len, key_len)
+    return [c for c in fits if c not in excluded] or fits[:1]

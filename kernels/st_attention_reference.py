@@ -39,7 +39,7 @@ def grouped_attention(attend_fn, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     else:
         groups = [layout.to_spatial_groups(t, num_frames) for t in (q, k, v)]
         out = layout.from_spatial_groups(attend_fn(*groups, scale))
-    return out.contiguous()
+    return layout.contiguous(out)
 
 
 def st_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, num_frames: int,

@@ -1,5 +1,8 @@
 """Checkpoints: the model's weights and its config in one safetensors file (no pickled code).
 
+The header also holds a SHA-256 of the tensors (names, shapes, dtypes and bytes): a file whose weights
+changed after it was written (a flipped byte, a bad copy) is refused instead of loading silently.
+
 Also loads torchvision-format ResNet-18 weights (ImageNet or face-recognition weights) into the
 backbone: layer4.* and fc.* are skipped, every other key must match exactly.
 """
@@ -41,7 +44,7 @@ def save_checkpoint(model: STT, path: str | os.PathLike, *, metadata: dict[str, 
         raise ValueError(f"save_checkpoint expects an stt_fast.STT, got {type(model).__name__}")
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     header = {"format": FORMAT, "config": model.config.to_json(),
-              "metadata": json.dumps(metadata or {}, sort_keys=True)}
+              "metadata": json.dumps(metadata or {}, sort_keys=True), "tensors_sha256": tensors_fingerprint(tensors)}
     with atomic_output(path) as tmp:
         _safetensors().save_file(tensors, str(tmp), metadata=header)
     return Path(path)
@@ -65,6 +68,10 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[STTConfig, dict[str, torch
     if header.get("format") != FORMAT:
         raise CheckpointError(f"{path} is a safetensors file but not an stt_fast checkpoint "
                               f"(format {header.get('format')!r}, expected {FORMAT!r})")
+    recorded = header.get("tensors_sha256")
+    if recorded is not None and recorded != tensors_fingerprint(tensors):
+        raise CheckpointError(f"{path} is damaged: its weights do not match the hash recorded when it was saved "
+                              "(a changed byte, a bad copy); use another copy of the checkpoint")
     try:
         config = STTConfig.from_json(header["config"])
         metadata = json.loads(header.get("metadata", "{}"))
@@ -128,8 +135,13 @@ def load_torchvision_resnet18(model: STT, weights: str | os.PathLike | dict[str,
 
 def state_fingerprint(model: nn.Module) -> str:
     """SHA-256 over the names, shapes, dtypes and bytes of a module's state: a cache key for weights."""
+    return tensors_fingerprint(model.state_dict())
+
+
+def tensors_fingerprint(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over the names, shapes, dtypes and bytes of named tensors."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
+    for name, tensor in sorted(tensors.items()):
         t = tensor.detach().to("cpu").contiguous()
         digest.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
         digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())

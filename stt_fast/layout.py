@@ -9,6 +9,10 @@ Everything that regroups tokens (the reference attention, the CPU fast path, the
 the helpers below. The Triton kernel (kernels/st_attention.py) computes the same row indices inside
 the kernel; its tests check it against the reference built on these helpers.
 
+The helpers slice with narrow() and select(), not Python indexing, and so do the compiled program's
+modules: fake CUDA tensors, which check the GPU path on machines without a GPU, can be neither indexed
+nor made .contiguous() in a CPU-only PyTorch build (contiguous() below stands in for the latter).
+
 The attention groupings of STT, in this layout:
 
 - temporal: for each position n, the T tokens {1 + t * N + n : t < T} attend within themselves;
@@ -21,6 +25,12 @@ The attention groupings of STT, in this layout:
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+
+
+def contiguous(x: torch.Tensor) -> torch.Tensor:
+    """x.contiguous(), in the form fake CUDA tensors take (see above)."""
+    return x if x.is_contiguous() else x.clone(memory_format=torch.contiguous_format)
 
 
 def num_tokens(num_frames: int, num_patches: int) -> int:
@@ -45,14 +55,14 @@ def patch_index(frame: int, position: int, num_patches: int) -> int:
 
 def assemble_tokens(cls_token: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
     """[B or 1, 1, D] cls and [B, T, N, D] patch tokens -> [B, L, D] tokens in the layout above."""
-    batch = patches.shape[0]
-    return torch.cat([cls_token.expand(batch, -1, -1), patches.flatten(1, 2)], dim=1)
+    # expand_as, not expand(B, ...): tracers (the legacy ONNX exporter) keep the batch size symbolic.
+    return torch.cat([cls_token.expand_as(patches.select(1, 0).narrow(1, 0, 1)), patches.flatten(1, 2)], dim=1)
 
 
 def split_tokens(x: torch.Tensor, num_frames: int) -> tuple[torch.Tensor, torch.Tensor]:
     """[B, L, *rest] -> cls [B, 1, *rest] and patches [B, T, N, *rest], both views of x."""
     n = patches_per_frame(x.shape[1], num_frames)
-    return x[:, :1], x[:, 1:].unflatten(1, (num_frames, n))
+    return x.narrow(1, 0, 1), x.narrow(1, 1, x.shape[1] - 1).unflatten(1, (num_frames, n))
 
 
 def merge_tokens(cls: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
@@ -68,9 +78,9 @@ def to_temporal_groups(x: torch.Tensor, num_frames: int) -> torch.Tensor:
 
 def from_temporal_groups(groups: torch.Tensor) -> torch.Tensor:
     """[B, N, T, *rest] -> [B, L, *rest] with a zero cls row (the cls token takes no part)."""
-    patches = groups.transpose(1, 2)
-    cls = patches.new_zeros((patches.shape[0], 1, *patches.shape[3:]))
-    return merge_tokens(cls, patches)
+    patches = groups.transpose(1, 2).flatten(1, 2)  # [B, T*N, *rest]
+    # A zero row padded in front, not a zeros tensor concatenated: tracers would freeze its batch size.
+    return F.pad(patches, (0, 0) * (patches.dim() - 2) + (1, 0))
 
 
 def to_spatial_groups(x: torch.Tensor, num_frames: int) -> torch.Tensor:
@@ -82,5 +92,5 @@ def to_spatial_groups(x: torch.Tensor, num_frames: int) -> torch.Tensor:
 
 def from_spatial_groups(groups: torch.Tensor) -> torch.Tensor:
     """[B, T, 1 + N, *rest] -> [B, L, *rest]: patch rows as they are, cls = mean over the T frames."""
-    cls = groups[:, :, :1].mean(dim=1)
-    return merge_tokens(cls, groups[:, :, 1:])
+    cls = groups.narrow(2, 0, 1).mean(dim=1)
+    return merge_tokens(cls, groups.narrow(2, 1, groups.shape[2] - 1))

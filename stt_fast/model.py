@@ -158,9 +158,9 @@ class STT(nn.Module):
 
     def embed(self, clips: torch.Tensor) -> torch.Tensor:
         """Float clips [B, T, 3, H, W] -> tokens [B, L, D]."""
-        batch, frames = clips.shape[:2]
+        frames = clips.shape[1]
         features = self.token_proj(self.backbone(clips.flatten(0, 1)))  # [B*T, D, g, g]
-        patches = features.flatten(2).transpose(1, 2).unflatten(0, (batch, frames))  # [B, T, N, D]
+        patches = features.flatten(2).transpose(1, 2).unflatten(0, (-1, frames))  # [B, T, N, D]
         patches = patches + self.spatial_pos.unsqueeze(1) + self.temporal_pos.unsqueeze(2)
         return layout.assemble_tokens(self.cls_token, patches)
 

@@ -1,5 +1,5 @@
-"""Test set-up. Kernels run through Triton's interpreter where no GPU is present; the variable must be
-set before triton is first imported, hence here, before any test module loads."""
+"""Test set-up. Kernels run on the GPU where there is one, else through Triton's interpreter; the
+variable must be set before triton is first imported, hence here, before any test module loads."""
 
 import os
 import tempfile
@@ -21,3 +21,23 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def kernel_device(monkeypatch):
+    """Where the kernel tests run the Triton kernels: the GPU, else the interpreter on the CPU; never the
+    plain-PyTorch fallback, which would make a kernel test test its reference (it fails instead)."""
+    import importlib
+
+    attention = importlib.import_module("stt_fast.kernels.st_attention")
+    layer_norm = importlib.import_module("stt_fast.kernels.add_layer_norm")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu" and not attention.interpreting():
+        pytest.fail("the Triton kernels can run here neither on a GPU nor through TRITON_INTERPRET=1")
+
+    def no_fallback(*args, **kwargs):
+        raise AssertionError("the kernel fell back to its plain-PyTorch reference")
+
+    monkeypatch.setattr(attention, "st_attention_reference", no_fallback)
+    monkeypatch.setattr(layer_norm, "add_layer_norm_reference", no_fallback)
+    return device

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from stt_fast import STT, CheckpointError, get_config, load_checkpoint, load_torchvision_resnet18, save_checkpoint
+from tests.helpers import trained_looking
 
 
 def torchvision_resnet18_state(width=64, classes=1000):
@@ -87,6 +88,18 @@ def test_truncated_checkpoint(tmp_path):
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="not a readable stt_fast checkpoint"):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize("where", [0.5, 0.99], ids=["middle-of-the-weights", "last-bytes"])
+def test_a_flipped_byte_in_the_weights_is_refused(tmp_path, where):
+    path = save_checkpoint(trained_looking(get_config("tiny")), tmp_path / "m.safetensors")
+    data = bytearray(path.read_bytes())
+    header = 8 + int.from_bytes(data[:8], "little")  # safetensors: u64 header length, JSON header, tensor bytes
+    position = header + int(where * (len(data) - header - 1))
+    data[position] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="damaged"):
         load_checkpoint(path)
 
 

@@ -2,6 +2,7 @@
 
 import copy
 import threading
+import time
 
 import pytest
 import torch
@@ -53,8 +54,9 @@ def test_input_model_is_not_modified():
         assert torch.equal(value, before[key]), key
 
 
-def test_batch_norm_folding_is_exact():
-    conv, bn = torch.nn.Conv2d(5, 7, 3, 2, 1, bias=False).double(), torch.nn.BatchNorm2d(7).double()
+@pytest.mark.parametrize("conv_bias", [False, True], ids=["conv-without-bias", "conv-with-bias"])
+def test_batch_norm_folding_is_exact(conv_bias):
+    conv, bn = torch.nn.Conv2d(5, 7, 3, 2, 1, bias=conv_bias).double(), torch.nn.BatchNorm2d(7).double()
     with torch.no_grad():
         bn.running_mean.normal_()
         bn.running_var.uniform_(0.1, 2.0)
@@ -194,17 +196,74 @@ def test_compile_time_errors():
         stt_fast.compile(model, validate=False).train()
 
 
-def test_auto_backend_choice():
+def test_auto_backend_choice(monkeypatch):
     from stt_fast.export.onnxruntime_backend import onnxruntime_available
 
-    from stt_fast.compiler import _resolve_backend
+    from stt_fast.compiler import auto_candidates
 
     model = STT(get_config("tiny")).eval()
     assert onnxruntime_available(), "the test environment installs the export extras"
-    assert _resolve_backend("auto", model, torch.device("cpu")) == "onnxruntime"
+    assert auto_candidates(model, torch.device("cpu")) == ["onnxruntime", "torch"]
     odd = STT(get_config("tiny").replace(embed_dim=48, num_heads=2)).eval()  # head dim 24: no Triton kernel
-    assert _resolve_backend("auto", odd, torch.device("cuda")) == "torch"
-    assert _resolve_backend("auto", model, torch.device("cuda")) == "triton"
+    assert auto_candidates(odd, torch.device("cuda")) == ["torch"]
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert auto_candidates(model, torch.device("cuda")) == ["triton", "torch"]
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))  # a T4
+    assert auto_candidates(model, torch.device("cuda")) == ["torch"]
+
+
+def _broken_launch(q, k, v, *, num_frames, mode):
+    raise RuntimeError("injected launch failure")
+
+
+def _wrong_results(q, k, v, *, num_frames, mode):
+    return torch.zeros_like(q).contiguous()
+
+
+@pytest.mark.parametrize("validate", [True, False], ids=["validate", "no-validate"])
+@pytest.mark.parametrize("failure", [_broken_launch, _wrong_results], ids=["launch-fails", "logits-wrong"])
+def test_auto_falls_back_to_torch_when_the_kernels_fail(monkeypatch, caplog, failure, validate):
+    """backend="auto" on CUDA tries triton, then torch; the same chain is run here under the interpreter."""
+    from stt_fast import compiler
+    from stt_fast.compiler import ops
+
+    monkeypatch.setattr(compiler, "auto_candidates", lambda model, device: ["triton", "torch"])
+    monkeypatch.setattr(ops.TritonOps, "attention", staticmethod(failure))
+    monkeypatch.setattr(compiler, "_warned", set())
+    model = trained_looking(get_config("tiny"))
+    if failure is _wrong_results and not validate:
+        # without validation only a failure to run (or non-finite logits) is seen: zeros run fine
+        assert stt_fast.compile(model, validate=False).backend == "triton"
+        return
+    with caplog.at_level("WARNING", logger="stt_fast.compiler"):
+        compiled = stt_fast.compile(model, validate=validate)
+        again = stt_fast.compile(model, validate=validate)
+    assert compiled.backend == again.backend == "torch"
+    expected = "injected launch failure" if failure is _broken_launch else "ValidationError"
+    assert expected in compiled.fallback_reason and "'triton'" in compiled.fallback_reason
+    warnings = [r for r in caplog.records if "falling back to 'torch'" in r.getMessage()]
+    assert len(warnings) == 1, "the reason is logged once"
+    x = clips(model.config)
+    with torch.no_grad():
+        assert relative_error(compiled(x), model(x)) < tolerance(torch.float32).model
+    # named explicitly, the backend's own error reaches the caller: at compile time when validating
+    # (ValidationError is a RuntimeError), else at the first call
+    with pytest.raises(RuntimeError):
+        explicit = stt_fast.compile(model, backend="triton", validate=validate)
+        with torch.no_grad():
+            explicit(x)
+
+
+def test_auto_on_the_cpu_falls_back_when_onnxruntime_fails(monkeypatch):
+    from stt_fast.export import onnxruntime_backend
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("injected export failure")
+
+    monkeypatch.setattr(onnxruntime_backend, "compile_onnxruntime", broken)
+    compiled = stt_fast.compile(trained_looking(get_config("tiny")))
+    assert compiled.backend == "torch" and "injected export failure" in compiled.fallback_reason
+    assert compiled.validation.passed
 
 
 def test_onnxruntime_backend_reuses_its_cached_export(tmp_path):
@@ -223,6 +282,71 @@ def test_onnxruntime_backend_reuses_its_cached_export(tmp_path):
     torch.testing.assert_close(first(x), second(x))
 
 
+class _StandInCapture:
+    """capture(example) -> replay, recording captures and replays; checks that replays never overlap."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.captured, self.active, self.most_active = [], 0, 0
+        self.delay = delay
+        self._count = threading.Lock()
+
+    def __call__(self, example):
+        key = tuple(example.shape)
+        self.captured.append(key)
+
+        def replay(clips):
+            with self._count:
+                self.active += 1
+                self.most_active = max(self.most_active, self.active)
+            time.sleep(self.delay)
+            with self._count:
+                self.active -= 1
+            return clips.sum(dim=(1, 2, 3, 4)) + len(key)
+
+        return replay
+
+
+def test_graph_cache_evicts_the_least_recently_used_shape():
+    from stt_fast.compiler.cuda_graphs import GraphCache
+
+    capture = _StandInCapture()
+    cache = GraphCache(capture, max_graphs=2)
+    a, b, c = (torch.rand(n, 2, 3, 4, 4) for n in (1, 2, 3))
+    for x in (a, b, a, c):  # a used again after b: b is the least recently used when c arrives
+        torch.testing.assert_close(cache(x), x.sum(dim=(1, 2, 3, 4)) + 5)
+    assert capture.captured == [tuple(a.shape), tuple(b.shape), tuple(c.shape)], "a hit must not capture again"
+    assert [key[0] for key in cache.cached()] == [tuple(a.shape), tuple(c.shape)]
+    cache(b)
+    assert [key[0] for key in cache.cached()] == [tuple(c.shape), tuple(b.shape)] and len(cache) == 2
+    assert GraphCache(capture, max_graphs=1)(a).shape == (1,)
+    with pytest.raises(ValueError, match="max_graphs"):
+        GraphCache(capture, max_graphs=0)
+
+
+def test_graph_cache_serialises_threads_and_captures_each_shape_once():
+    """Graphs share one memory pool: no two replays may overlap, and racing first calls of one shape
+    must capture it once."""
+    from stt_fast.compiler.cuda_graphs import GraphCache
+
+    capture = _StandInCapture(delay=0.01)
+    cache = GraphCache(capture, max_graphs=8)
+    inputs = [torch.rand(1 + i % 2, 2, 3, 4, 4) for i in range(12)]
+    results = [None] * len(inputs)
+
+    def work(i):
+        results[i] = cache(inputs[i])
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(inputs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert capture.most_active == 1
+    assert sorted(capture.captured) == [(1, 2, 3, 4, 4), (2, 2, 3, 4, 4)]
+    for x, got in zip(inputs, results):
+        torch.testing.assert_close(got, x.sum(dim=(1, 2, 3, 4)) + 5)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
 def test_cuda_graphs_per_batch_size():
     config = get_config("tiny")
@@ -232,4 +356,4 @@ def test_cuda_graphs_per_batch_size():
         x = clips(config, batch)
         assert relative_error(compiled(x), model.cpu()(x)) < tolerance(torch.float16).model
         model.cuda()
-    assert len(compiled.graphs) == 2
+    assert [key[0][0] for key in compiled.graphs.cached()] == [3, 1], "the least recently used graph is evicted"

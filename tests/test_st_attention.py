@@ -1,8 +1,11 @@
-"""st_attention (Triton; on the CPU through TRITON_INTERPRET=1) against independent references.
+"""st_attention (Triton) against independent references, on the GPU where there is one, else through
+Triton's interpreter (TRITON_INTERPRET=1): the kernel_device fixture makes sure it is the kernel that runs.
 
 The interpreter runs float32, float16 and bfloat16. bfloat16 products are formed there from the
 bfloat16-rounded operands widened to float32 (numpy has no bfloat16): the same products as on a GPU's
-tensor cores; the bfloat16 tensor-core path itself runs only on a GPU.
+tensor cores; the bfloat16 tensor-core path itself runs only on a GPU. The launch code (autotuner key,
+candidate pruning, grid(meta), batch chunking, the precision asked for) runs under the interpreter as on
+a GPU; only the timing of candidates is skipped there.
 """
 
 import importlib
@@ -15,26 +18,28 @@ from stt_fast.kernels import st_attention, st_attention_reference
 from stt_fast.accuracy import relative_error, tolerance
 from tests.independent import loop_st_attention
 
+impl = importlib.import_module("stt_fast.kernels.st_attention")  # the module, not the function
+
 MODES = ["joint", "spatial", "temporal"]
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # (B, T, N, H): odd sizes on purpose; N = 1 (a 1 x 1 grid); T = 1 (one frame)
 SMALL_SHAPES = {"B2-T3-N5-H2": (2, 3, 5, 2), "B2-T4-N1-H1": (2, 4, 1, 1), "B1-T1-N7-H3": (1, 1, 7, 3)}
 
 
-def packed_qkv(batch, frames, patches, heads, head_dim, dtype):
+def packed_qkv(batch, frames, patches, heads, head_dim, dtype, device="cpu"):
     """q, k, v as strided views into one [B, L, 3, H, Dh] tensor, as the model's qkv projection gives."""
-    qkv = torch.randn(batch, 1 + frames * patches, 3, heads, head_dim, dtype=dtype)
+    qkv = torch.randn(batch, 1 + frames * patches, 3, heads, head_dim, dtype=dtype).to(device)
     return qkv.unbind(2)
 
 
 def poisoned_out(q):
-    return torch.full(q.shape, float("nan"), dtype=q.dtype)
+    return torch.full(q.shape, float("nan"), dtype=q.dtype, device=q.device)
 
 
 def check(out, q, k, v, frames, mode, dtype, scale=None):
     assert out.shape == q.shape and out.dtype == q.dtype and out.is_contiguous()
     assert not torch.isnan(out).any(), "some output elements were not written"
-    expected = loop_st_attention(q, k, v, frames, mode, scale)
+    expected = loop_st_attention(q.cpu(), k.cpu(), v.cpu(), frames, mode, scale)
     err = relative_error(out, expected)
     assert err < tolerance(dtype).kernel, f"relative error {err:.2e}"
 
@@ -43,9 +48,9 @@ def check(out, q, k, v, frames, mode, dtype, scale=None):
 @pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
 @pytest.mark.parametrize("head_dim", [16, 32, 64], ids=lambda d: f"Dh{d}")
 @pytest.mark.parametrize("shape", list(SMALL_SHAPES), ids=list(SMALL_SHAPES))
-def test_small_shapes(mode, dtype, head_dim, shape):
+def test_small_shapes(kernel_device, mode, dtype, head_dim, shape):
     b, t, n, h = SMALL_SHAPES[shape]
-    q, k, v = packed_qkv(b, t, n, h, head_dim, DTYPES[dtype])
+    q, k, v = packed_qkv(b, t, n, h, head_dim, DTYPES[dtype], kernel_device)
     out = st_attention(q, k, v, num_frames=t, mode=mode, out=poisoned_out(q))
     check(out, q, k, v, t, mode, DTYPES[dtype])
 
@@ -53,54 +58,121 @@ def test_small_shapes(mode, dtype, head_dim, shape):
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
-def test_paper_shape(mode, dtype):
+def test_paper_shape(kernel_device, mode, dtype):
     """The model's own shape: T = 16 frames of N = 49 tokens, L = 785, head dim 64, B = 1."""
-    q, k, v = packed_qkv(1, 16, 49, 2, 64, DTYPES[dtype])
+    q, k, v = packed_qkv(1, 16, 49, 2, 64, DTYPES[dtype], kernel_device)
     out = st_attention(q, k, v, num_frames=16, mode=mode, out=poisoned_out(q))
-    expected = st_attention_reference(q.double(), k.double(), v.double(), num_frames=16, mode=mode)
+    expected = st_attention_reference(*(t.cpu().double() for t in (q, k, v)), num_frames=16, mode=mode)
     assert not torch.isnan(out).any()
     assert relative_error(out, expected) < tolerance(DTYPES[dtype]).kernel
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_head_dim_128(mode):
-    q, k, v = packed_qkv(1, 3, 5, 1, 128, torch.float16)
+def test_head_dim_128(kernel_device, mode):
+    q, k, v = packed_qkv(1, 3, 5, 1, 128, torch.float16, kernel_device)
     check(st_attention(q, k, v, num_frames=3, mode=mode, out=poisoned_out(q)), q, k, v, 3, mode, torch.float16)
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_longer_groups_take_several_key_blocks(mode):
+def test_longer_groups_take_several_key_blocks(kernel_device, mode):
     """Groups longer than one key block exercise the online softmax across blocks (T = 40, N = 37)."""
-    q, k, v = packed_qkv(1, 40, 37, 1, 16, torch.float32) if mode != "joint" else packed_qkv(1, 5, 37, 1, 16,
-                                                                                            torch.float32)
     frames = 40 if mode != "joint" else 5
+    q, k, v = packed_qkv(1, frames, 37, 1, 16, torch.float32, kernel_device)
     check(st_attention(q, k, v, num_frames=frames, mode=mode, out=poisoned_out(q)), q, k, v, frames, mode,
           torch.float32)
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_unusual_strides(mode):
+def test_unusual_strides(kernel_device, mode):
     """Separate tensors in [B, H, L, Dh] storage, and a last-dim stride of 2: read in place, no copy."""
     b, t, n, h, d = 2, 3, 5, 2, 16
-    q = torch.randn(b, h, 1 + t * n, d).transpose(1, 2)
-    k = torch.randn(b, 1 + t * n, h, 2 * d)[..., ::2]
-    v = torch.randn(1 + t * n, b, h, d).transpose(0, 1)
+    q = torch.randn(b, h, 1 + t * n, d, device=kernel_device).transpose(1, 2)
+    k = torch.randn(b, 1 + t * n, h, 2 * d, device=kernel_device)[..., ::2]
+    v = torch.randn(1 + t * n, b, h, d, device=kernel_device).transpose(0, 1)
     check(st_attention(q, k, v, num_frames=t, mode=mode, out=poisoned_out(q)), q, k, v, t, mode, torch.float32)
 
 
-def test_default_output_and_custom_scale():
-    q, k, v = packed_qkv(2, 3, 5, 2, 32, torch.float32)
+def test_default_output_and_custom_scale(kernel_device):
+    q, k, v = packed_qkv(2, 3, 5, 2, 32, torch.float32, kernel_device)
     out = st_attention(q, k, v, num_frames=3, mode="spatial", scale=0.05)
     check(out, q, k, v, 3, "spatial", torch.float32, scale=0.05)
 
 
-def test_cpu_fallback_without_interpreter_is_the_reference(monkeypatch):
-    impl = importlib.import_module("stt_fast.kernels.st_attention")  # the module, not the function
+@pytest.fixture
+def launches(monkeypatch):
+    """Every launch of the real kernel, recorded: (grid, keyword arguments) as the kernel received them."""
+    recorded = []
+    kernel = impl._st_attention_kernel  # the one function every mode's autotuner runs
+    run = kernel.run
 
+    def recording_run(*args, grid, warmup, **kwargs):
+        recorded.append((grid, kwargs))
+        return run(*args, grid=grid, warmup=warmup, **kwargs)
+
+    monkeypatch.setattr(kernel, "run", recording_run)
+    for mode in MODES:
+        impl._TUNED.setdefault(mode, impl._autotuned(mode))
+    return recorded
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_batches_beyond_grid_axis_1_go_in_chunks_of_whole_clips(kernel_device, launches, monkeypatch, mode):
+    """B * H rides on grid axis 1 (65535 on CUDA); with the limit lowered to 5, B = 5 clips of H = 2
+    heads go in 3 launches of 2, 2 and 1 clips, every row written."""
+    monkeypatch.setattr(impl, "MAX_GRID_Y", 5)
+    q, k, v = packed_qkv(5, 3, 5, 2, 16, torch.float32, kernel_device)
+    check(st_attention(q, k, v, num_frames=3, mode=mode, out=poisoned_out(q)), q, k, v, 3, mode, torch.float32)
+    assert [kwargs["H"] for _, kwargs in launches] == [2, 2, 2]
+    assert [grid(kwargs)[1] for grid, kwargs in launches] == [4, 4, 2]
+
+
+def test_batch_chunks_respect_cuda_grid_limit():
+    chunks = impl.batch_chunks(20000, 8)
+    assert chunks[0] == (0, 65535 // 8) and chunks[-1][1] == 20000
+    assert all((b1 - b0) * 8 <= 65535 for b0, b1 in chunks)
+    assert [b for c in chunks for b in range(*c)] == list(range(20000))
+
+
+@pytest.mark.parametrize("dtype,precision", [(torch.float32, "ieee"), (torch.float16, "tf32")],
+                         ids=["fp32-ieee", "fp16"])
+def test_float32_asks_for_ieee_products_not_tf32(kernel_device, launches, dtype, precision):
+    """The interpreter computes float32 products exactly whatever is asked, so what the kernel is asked
+    for is checked here (and the PTX of float32 compiles is checked for TF32 instructions in
+    tests/test_kernels_aot.py)."""
+    q, k, v = packed_qkv(1, 3, 5, 2, 16, dtype, kernel_device)
+    st_attention(q, k, v, num_frames=3, mode="joint")
+    assert [kwargs["PRECISION"] for _, kwargs in launches] == [precision]
+
+
+@pytest.mark.parametrize("mode,block_m", [("joint", 128), ("spatial", 64), ("temporal", 16)])
+def test_candidates_fit_the_groups(mode, block_m):
+    paper = impl.candidates(mode, *impl._group_lengths(mode, 785, 16, 49), capability=(9, 0))
+    assert paper and all(c.block_m <= block_m for c in paper)
+    tiny = impl.candidates(mode, *impl._group_lengths(mode, 16, 3, 5), capability=(9, 0))
+    assert tiny and all(c.block_m == 16 and c.block_n == 16 for c in tiny)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_autotune_key_ignores_the_batch(kernel_device, launches, monkeypatch, mode):
+    tuner = impl._TUNED[mode]
+    assert set(tuner.keys) == {"L", "T", "N", "MODE", "HEAD_DIM"}
+    monkeypatch.setattr(tuner, "cache", {})
+    for batch in (1, 3):
+        q, k, v = packed_qkv(batch, 3, 5, 2, 16, torch.float32, kernel_device)
+        st_attention(q, k, v, num_frames=3, mode=mode)
+    assert len(tuner.cache) == 1, "a new batch size must not re-tune"
+    assert {(kwargs["BLOCK_M"], kwargs["BLOCK_N"]) for _, kwargs in launches} == {(16, 16)}
+
+
+def test_cpu_fallback_without_interpreter_is_the_reference(monkeypatch, caplog):
     monkeypatch.setattr(impl, "interpreting", lambda: False)
+    monkeypatch.setattr(impl, "_cpu_fallback_logged", False)
     q, k, v = packed_qkv(2, 3, 5, 2, 16, torch.float32)
-    out = impl.st_attention(q, k, v, num_frames=3, mode="temporal")
+    with caplog.at_level("WARNING", logger="stt_fast.kernels.st_attention"):
+        out = impl.st_attention(q, k, v, num_frames=3, mode="temporal")
+        impl.st_attention(q, k, v, num_frames=3, mode="temporal")
     assert torch.equal(out, st_attention_reference(q, k, v, num_frames=3, mode="temporal"))
+    assert len([r for r in caplog.records if "plain-PyTorch references" in r.getMessage()]) == 1
 
 
 def test_traced_as_one_op_by_torch_export():
@@ -116,18 +188,6 @@ def test_traced_as_one_op_by_torch_export():
     q, k, v = qkv.unbind(2)
     torch.testing.assert_close(program.module()(qkv), st_attention_reference(q, k, v, num_frames=3, mode="spatial"),
                                rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.parametrize("mode,max_block_m", [("joint", 128), ("spatial", 64), ("temporal", 16)])
-def test_autotune_candidates_fit_the_groups_and_the_key_ignores_the_batch(mode, max_block_m):
-    impl = importlib.import_module("stt_fast.kernels.st_attention")
-    tuner = impl._autotuned(mode)
-    assert "B" not in tuner.keys and set(tuner.keys) == {"L", "T", "N", "MODE", "HEAD_DIM"}
-    # the autotuner passes positional arguments separately from keyword ones: both are looked at
-    kept = impl._prune(tuner.configs, {"Q": None}, L=785, T=16, N=49, MODE=impl.MODE_IDS[mode], HEAD_DIM=64)
-    assert kept and all(c.kwargs["BLOCK_M"] <= max_block_m for c in kept)
-    tiny = impl._prune(tuner.configs, {}, L=1 + 3 * 5, T=3, N=5, MODE=impl.MODE_IDS[mode], HEAD_DIM=16)
-    assert all(c.kwargs["BLOCK_M"] == 16 and c.kwargs["BLOCK_N"] == 16 for c in tiny)
 
 
 def _qkv(**over):

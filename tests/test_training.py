@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from stt_fast import STT, get_config, load_checkpoint
+from stt_fast.checkpoint import read_checkpoint
 from stt_fast.cli import main
 from stt_fast.data.datasets import ClipDataset, ClipItem, dfew_items
 from stt_fast.data.synthetic import SynthConfig, write_synthetic_dfew
@@ -53,6 +54,11 @@ def test_resume_continues_where_the_run_stopped(synth_root, tmp_path):
           echo=lambda line: None)
     with pytest.raises(ValueError, match="--resume"):
         train(STT(config), train_set, test_set, TrainOptions(epochs=3, **options), tmp_path, progress=False)
+    restored = STT(config)  # nothing left to run at epochs=2: the model must come back as saved
+    train(restored, train_set, test_set, TrainOptions(epochs=2, **options), tmp_path, resume=True, progress=False,
+          echo=lambda line: None)
+    _, saved, _ = read_checkpoint(tmp_path / "last.safetensors")
+    assert all(torch.equal(value.cpu(), saved[key]) for key, value in restored.state_dict().items())
     lines = []
     history = train(STT(config), train_set, test_set, TrainOptions(epochs=3, **options), tmp_path, resume=True,
                     progress=False, echo=lines.append)

@@ -7,15 +7,15 @@ import logging
 import torch
 from torch import nn
 
-from stt_fast.inputs import check_clips
+from stt_fast.inputs import check_clips, nan_rows_where_nonfinite
 from stt_fast.kernels import SUPPORTED_HEAD_DIMS
 from stt_fast.kernels.add_layer_norm import MAX_DIM
 from stt_fast.kernels.st_attention import HAS_TRITON, interpreting
 from stt_fast.model import STT
 
-from .cuda_graphs import GraphCache
+from .cuda_graphs import CudaGraphCapture, GraphCache
 from .program import STTProgram
-from .validation import ValidationError, ValidationReport
+from .validation import ValidationError, ValidationReport, probe_clips
 from .validation import validate as _validate
 
 __all__ = ["BACKENDS", "CompiledSTT", "ValidationError", "ValidationReport", "compile"]
@@ -34,35 +34,49 @@ class CompiledSTT(nn.Module):
 
     Same call signature and input checks as the reference STT. Inputs may live on any device; uint8
     clips travel to the device as uint8 and are scaled there. Logits are returned on ``device``.
-    Attributes: config, device, dtype, backend, validation (the ValidationReport, or None).
+    Values are checked without a device sync (stt_fast.inputs): clips from the CPU are checked there and
+    refused with ValueError; float clips already on a GPU are not read back, and a clip holding NaN or
+    infinity gets a row of NaN logits instead.
+    Attributes: config, device, dtype, backend, validation (the ValidationReport, or None),
+    fallback_reason (why backend="auto" did not keep its first choice, or None), graphs (the CUDA graph
+    cache, or None).
     """
 
     def __init__(self, program: nn.Module, *, config, device: torch.device, dtype: torch.dtype, backend: str,
-                 graphs: GraphCache | None) -> None:
+                 cuda_graphs: bool = False, max_graphs: int = 8) -> None:
         super().__init__()
         self.program = program
         self.config = config
         self.device = device
         self.dtype = dtype
         self.backend = backend
-        self.graphs = graphs
+        self.graphs = GraphCache(CudaGraphCapture(self._infer, device), max_graphs) if cuda_graphs else None
         self.validation: ValidationReport | None = None
+        self.fallback_reason: str | None = None
 
     def train(self, mode: bool = True) -> CompiledSTT:
         if mode:
             raise ValueError("a compiled STT is inference-only; train the reference model and compile it again")
         return super().train(False)
 
+    def _infer(self, clips: torch.Tensor) -> torch.Tensor:
+        """clips on the device -> logits; what a CUDA graph captures."""
+        logits = self.program(clips)
+        if self.device.type != "cpu":  # values on the device are never read on the host
+            logits = nan_rows_where_nonfinite(logits, clips)
+        return logits
+
     def forward(self, clips: torch.Tensor) -> torch.Tensor:
-        check_clips(clips, self.config)
+        check_clips(clips, self.config, values_on_device=False)
         clips = clips.to(self.device, non_blocking=True)
         with torch.no_grad():
             if self.graphs is not None:
                 return self.graphs(clips)
-            return self.program(clips)
+            return self._infer(clips)
 
     def extra_repr(self) -> str:
-        return f"backend={self.backend}, device={self.device}, dtype={self.dtype}, graphs={self.graphs is not None}"
+        return (f"backend={self.backend}, device={self.device}, dtype={self.dtype}, "
+                f"graphs={self.graphs is not None}")
 
 
 def _resolve_dtype(dtype, device: torch.device) -> torch.dtype:
@@ -77,53 +91,105 @@ def _resolve_dtype(dtype, device: torch.device) -> torch.dtype:
     return dtype
 
 
-def _resolve_backend(backend: str, model: STT, device: torch.device) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
-    c = model.config
-    triton_problem = None
-    if not HAS_TRITON:
-        triton_problem = "the 'triton' package is not installed"
-    elif device.type != "cuda" and not interpreting():
-        triton_problem = f"Triton kernels run on CUDA devices (or with TRITON_INTERPRET=1), not {device}"
-    elif c.head_dim not in SUPPORTED_HEAD_DIMS:
-        triton_problem = f"head dim {c.head_dim} is not one of the kernel's {SUPPORTED_HEAD_DIMS}"
-    elif c.embed_dim > MAX_DIM:
-        triton_problem = f"embed_dim {c.embed_dim} is above the LayerNorm kernel's limit of {MAX_DIM}"
-    if backend == "auto":
-        if device.type == "cuda" and triton_problem is None:
-            return "triton"
-        if device.type == "cuda":
-            log.warning("stt_fast.compile: using the 'torch' backend because %s", triton_problem)
-            return "torch"
-        from stt_fast.export.onnxruntime_backend import onnxruntime_available
+# Triton emits no tensor-core instruction below sm_80 (measured with ahead-of-time compiles for sm_75:
+# FMA only, with spills; see `stt-fast kernels aot`): there the torch path (cuDNN, SDPA) serves.
+TRITON_MIN_CAPABILITY = (8, 0)
 
-        # On the CPU, ONNX Runtime running the exported program was measured faster than the PyTorch
-        # path (benchmarks/results/cpu-*): it is the default where it is installed.
-        return "onnxruntime" if onnxruntime_available() else "torch"
-    if backend == "triton" and triton_problem is not None:
-        raise ValueError(f"backend 'triton' cannot run this model: {triton_problem}")
-    return backend
+
+def triton_problem(model: STT, device: torch.device) -> str | None:
+    """Why the Triton backend cannot run model on device, or None when it can."""
+    c = model.config
+    if not HAS_TRITON:
+        return "the 'triton' package is not installed"
+    if device.type != "cuda" and not interpreting():
+        return f"Triton kernels run on CUDA devices (or with TRITON_INTERPRET=1), not {device}"
+    if c.head_dim not in SUPPORTED_HEAD_DIMS:
+        return f"head dim {c.head_dim} is not one of the kernel's {SUPPORTED_HEAD_DIMS}"
+    if c.embed_dim > MAX_DIM:
+        return f"embed_dim {c.embed_dim} is above the LayerNorm kernel's limit of {MAX_DIM}"
+    if device.type == "cuda":
+        capability = torch.cuda.get_device_capability(device)
+        if capability < TRITON_MIN_CAPABILITY:
+            return (f"this GPU is sm_{capability[0]}{capability[1]}: Triton has no tensor-core path below "
+                    f"sm_{TRITON_MIN_CAPABILITY[0]}{TRITON_MIN_CAPABILITY[1]}")
+    return None
+
+
+def auto_candidates(model: STT, device: torch.device) -> list[str]:
+    """The backends backend="auto" tries on device, best first; each next one is the fallback."""
+    if device.type == "cuda":
+        problem = triton_problem(model, device)
+        if problem is None:
+            return ["triton", "torch"]
+        _warn_once(f"stt_fast.compile: using the 'torch' backend because {problem}")
+        return ["torch"]
+    from stt_fast.export.onnxruntime_backend import onnxruntime_available
+
+    # On the CPU, ONNX Runtime running the exported program was measured faster than the PyTorch
+    # path (benchmarks/results/cpu-*): it is the default where it is installed.
+    return ["onnxruntime", "torch"] if onnxruntime_available() else ["torch"]
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        log.warning(message)
+
+
+def _build(model: STT, backend: str, device: torch.device, dtype: torch.dtype, *, cuda_graphs: bool,
+           channels_last: bool, max_graphs: int, backend_options: dict) -> CompiledSTT:
+    if backend == "tensorrt":
+        from stt_fast.export.tensorrt_backend import compile_tensorrt
+
+        return compile_tensorrt(model, device=device, dtype=dtype, **backend_options)
+    if backend == "onnxruntime":
+        from stt_fast.export.onnxruntime_backend import compile_onnxruntime
+
+        return compile_onnxruntime(model, device=device, dtype=dtype, **backend_options)
+    log.info("stt_fast.compile: rewriting the model for the %r backend (%s, %s)", backend, device, dtype)
+    program = STTProgram(model, ops=backend, channels_last=channels_last).to(device, dtype).eval()
+    return CompiledSTT(program, config=model.config, device=device, dtype=dtype, backend=backend,
+                       cuda_graphs=cuda_graphs and device.type == "cuda", max_graphs=max_graphs)
+
+
+def _first_call_check(model: STT, compiled: CompiledSTT, dtype: torch.dtype, validate: bool) -> None:
+    """Run the compiled module once (kernels compile and launch here): validated against the reference
+    when `validate`, else only required to give finite logits."""
+    if validate:
+        log.info("stt_fast.compile: validating the %r backend against the reference model", compiled.backend)
+        compiled.validation = _validate(model, compiled, dtype)
+        return
+    with torch.no_grad():
+        logits = compiled(probe_clips(model, batch=1))
+    if not torch.isfinite(logits).all():
+        raise ValidationError(f"backend {compiled.backend!r} gave non-finite logits on a probe clip")
 
 
 def compile(model: STT, *, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
             backend: str = "auto", cuda_graphs: bool = True, validate: bool = True, channels_last: bool = True,
-            max_graphs: int = 8, **backend_options) -> nn.Module:
+            max_graphs: int = 8, **backend_options) -> CompiledSTT:
     """Return a module computing ``model``'s logits much faster, checked against it when ``validate``.
 
     model: a reference ``stt_fast.STT`` in eval mode (any config, with its weights); it is not modified.
     device: where the compiled module runs; defaults to the model's device.
     dtype: compute precision; float16 by default on CUDA, float32 on the CPU; bfloat16 available.
-    backend: "auto" ("triton" on CUDA; on the CPU "onnxruntime" where installed, else "torch");
-        "triton" (fused Triton attention and add+LayerNorm kernels); "torch" (PyTorch only: SDPA over
-        regrouped tokens, folded BatchNorm, channels_last); "onnxruntime" (the same program exported
-        to ONNX, cached on disk, run by ONNX Runtime); "tensorrt" (an FP16 TensorRT engine, built or
-        reused from a cache; see stt_fast.export).
+    backend: "auto" ("triton" on CUDA GPUs of sm_80 and newer, else "torch"; on the CPU "onnxruntime"
+        where installed, else "torch"); "triton" (fused Triton attention and add+LayerNorm kernels);
+        "torch" (PyTorch only: SDPA over regrouped tokens, folded BatchNorm, channels_last);
+        "onnxruntime" (the same program exported to ONNX, cached on disk, run by ONNX Runtime);
+        "tensorrt" (an FP16 TensorRT engine, built or reused from a cache; see stt_fast.export).
+        With "auto", a backend that fails to build, compile its kernels, launch them or validate on
+        this machine is replaced by the next one ("triton" -> "torch", "onnxruntime" -> "torch"): the
+        reason is logged once and kept as ``.fallback_reason``. A backend named explicitly raises.
     cuda_graphs: on CUDA, capture one graph per input shape (at most ``max_graphs``, least recently
         used evicted) so that small batches are not launch-bound.
     validate: run the reference and the compiled module side by side on probe clips and raise
         ValidationError, with the measured error, when the logits differ beyond the precision's
-        tolerance (stt_fast.accuracy.TOLERANCES); the report is kept as ``.validation``.
+        tolerance (stt_fast.accuracy.TOLERANCES); the report is kept as ``.validation``. Without it,
+        backend="auto" still runs one probe clip, so that a backend that cannot run falls back.
     channels_last: run the backbone's convolutions on channels_last activations.
     backend_options: options of the "onnxruntime" and "tensorrt" backends (cache_dir; for tensorrt also
         batch, workspace_gib, optimization_level, rebuild: see stt_fast.export.tensorrt_backend).
@@ -135,6 +201,8 @@ def compile(model: STT, *, device: str | torch.device | None = None, dtype: str 
         raise ValueError(f"stt_fast.compile expects an stt_fast.STT, got {type(model).__name__}")
     if model.training:
         raise ValueError("the model is in training mode; call model.eval() before stt_fast.compile(model)")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
     if device is None:
         device = next(model.parameters()).device
     device = torch.device(device)
@@ -143,24 +211,31 @@ def compile(model: STT, *, device: str | torch.device | None = None, dtype: str 
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     dtype = _resolve_dtype(dtype, device)
-    backend = _resolve_backend(backend, model, device)
-
-    unknown = sorted(set(backend_options) - BACKEND_OPTIONS.get(backend, set()))
-    if unknown:
-        raise ValueError(f"unknown options for backend {backend!r}: {unknown}")
-    if backend == "tensorrt":
-        from stt_fast.export.tensorrt_backend import compile_tensorrt
-
-        compiled = compile_tensorrt(model, device=device, dtype=dtype, **backend_options)
-    elif backend == "onnxruntime":
-        from stt_fast.export.onnxruntime_backend import compile_onnxruntime
-
-        compiled = compile_onnxruntime(model, device=device, dtype=dtype, **backend_options)
+    if backend == "auto":
+        candidates = auto_candidates(model, device)
     else:
-        program = STTProgram(model, ops=backend, channels_last=channels_last).to(device, dtype).eval()
-        graphs = GraphCache(program, device, max_graphs) if cuda_graphs and device.type == "cuda" else None
-        compiled = CompiledSTT(program, config=model.config, device=device, dtype=dtype, backend=backend,
-                               graphs=graphs)
-    if validate:
-        compiled.validation = _validate(model, compiled, dtype)
-    return compiled.eval()
+        if backend == "triton" and (problem := triton_problem(model, device)) is not None:
+            raise ValueError(f"backend 'triton' cannot run this model: {problem}")
+        candidates = [backend]
+    unknown = sorted(set(backend_options) - BACKEND_OPTIONS.get(candidates[0], set()))
+    if unknown:
+        raise ValueError(f"unknown options for backend {candidates[0]!r}: {unknown}")
+
+    reasons: list[str] = []
+    for i, name in enumerate(candidates):
+        options = {k: v for k, v in backend_options.items() if k in BACKEND_OPTIONS.get(name, set())}
+        try:
+            compiled = _build(model, name, device, dtype, cuda_graphs=cuda_graphs, channels_last=channels_last,
+                              max_graphs=max_graphs, backend_options=options)
+            if validate or backend == "auto":
+                _first_call_check(model, compiled, dtype, validate)
+        except Exception as e:  # any failure of an automatic choice falls back
+            if backend != "auto" or i == len(candidates) - 1:
+                raise
+            reason = f"backend {name!r} failed here ({type(e).__name__}: {str(e).splitlines()[0][:300]})"
+            reasons.append(reason)
+            _warn_once(f"stt_fast.compile: {reason}; falling back to {candidates[i + 1]!r}")
+            continue
+        compiled.fallback_reason = "; ".join(reasons) or None
+        return compiled.eval()
+    raise AssertionError("unreachable: the last candidate returns or raises")

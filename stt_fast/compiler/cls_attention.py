@@ -43,7 +43,7 @@ class AbsorbedClsAttention(nn.Module):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         # Plain (broadcast) matrix products only, so that exported graphs hold MatMul, not Einsum.
         batch = h.shape[0]
-        q = self.q(h[:, 0]).view(batch, self.num_heads, 1, -1)  # [B, H, 1, Dh]
+        q = self.q(h.select(1, 0)).view(batch, self.num_heads, 1, -1)  # [B, H, 1, Dh]
         u = torch.matmul(q, self.w_k).squeeze(2) * self.scale  # [B, H, D]
         scores = torch.matmul(u, h.transpose(1, 2))  # [B, H, L]; softmax in float32 (or wider)
         scores = scores.to(torch.promote_types(scores.dtype, torch.float32))
@@ -54,8 +54,8 @@ class AbsorbedClsAttention(nn.Module):
             cls_scores = cls_scores.unsqueeze(1).expand(-1, self.num_frames, -1, -1)  # [B, T, 1, H]
             probs = torch.cat([cls_scores, patch_scores], dim=2).softmax(dim=2).to(h.dtype)  # [B, T, 1+N, H]
             h_cls, h_patches = layout.split_tokens(h, self.num_frames)  # [B, 1, D], [B, T, N, D]
-            cls_weight = probs[:, :, 0].sum(dim=1).unsqueeze(-1)  # [B, H, 1]
-            patch_weights = probs[:, :, 1:].permute(0, 3, 1, 2).flatten(2)  # [B, H, T*N]
+            cls_weight = probs.select(2, 0).sum(dim=1).unsqueeze(-1)  # [B, H, 1]
+            patch_weights = probs.narrow(2, 1, probs.shape[2] - 1).permute(0, 3, 1, 2).flatten(2)  # [B, H, T*N]
             mixed = (cls_weight * h_cls + torch.matmul(patch_weights, h_patches.flatten(1, 2))) / self.num_frames
         out = torch.matmul(mixed.unsqueeze(2), self.w_v.transpose(1, 2)).squeeze(2)  # [B, H, Dh]
         return (out + self.b_v).flatten(1)

@@ -35,7 +35,8 @@ class TorchOps:
         if delta is not None:
             if cls_period:
                 dim = x.shape[-1]
-                x.view(-1, cls_period, dim)[:, 1:] += delta.view(-1, cls_period, dim)[:, 1:]
+                x.view(-1, cls_period, dim).narrow(1, 1, cls_period - 1).add_(
+                    delta.view(-1, cls_period, dim).narrow(1, 1, cls_period - 1))
             else:
                 x += delta
         return x, F.layer_norm(x, x.shape[-1:], weight, bias, eps)

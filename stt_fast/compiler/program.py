@@ -102,8 +102,8 @@ class STTProgram(nn.Module):
         c = self.config
         batch = clips.shape[0]
         frames = clips_to_float(clips, self.dtype).flatten(0, 1)
-        if self.channels_last:
-            frames = frames.contiguous(memory_format=torch.channels_last)
+        if self.channels_last:  # .to, not .contiguous(memory_format): the same copy, and fake CUDA tensors take it
+            frames = frames.to(memory_format=torch.channels_last)
         features = self.backbone(frames)  # [B*T, C, g, g]
         features = features.permute(0, 2, 3, 1).reshape(batch, c.num_frames * c.num_patches, -1)
         patches = F.linear(features, self.token_weight).add_(self.token_pos)
@@ -132,7 +132,8 @@ class STTProgram(nn.Module):
                 continue
             # Last block: only the cls row goes on to the head.
             a = block.cls_attn(h)  # [B, D]
-            x_cls, h_cls = ops.add_layer_norm(x[:, 0], block.proj(a), block.norm2.weight, block.norm2.bias, eps)
+            x_cls, h_cls = ops.add_layer_norm(x.select(1, 0), block.proj(a), block.norm2.weight, block.norm2.bias,
+                                              eps)
             _, h_cls = ops.add_layer_norm(x_cls, self._mlp(block, h_cls), self.norm.weight, self.norm.bias, eps)
             return self.head(h_cls).float()
         raise AssertionError("unreachable: the last block returns")
