@@ -1,11 +1,20 @@
 """Every way the suite can run STT, behind one interface: build(model, device, workdir) -> Built.
 
-    eager-fp32            the reference model, float32
+Peers (what a user would run instead of stt_fast):
+    eager-fp32            the reference model, float32 (also the suite's accuracy reference)
     eager-fp16/-bf16      the reference model under autocast (GPU)
-    torch-compile         torch.compile of the reference (mode max-autotune on GPU, default on CPU)
-    stt_fast-fp32/-fp16/-bf16   stt_fast.compile in each precision, its default backend (half precisions on GPU)
+    torch-compile         torch.compile of the reference (mode max-autotune on a GPU, default on the CPU,
+                          where max-autotune has nothing to tune)
+    torch-compile-fp16    the same under fp16 autocast (GPU)
+    onnxruntime-plain-fp32  ONNX Runtime on a plain torch.onnx.export of the reference (CUDA EP on a GPU
+                          when present), as a user would export it
+    openvino-fp32         OpenVINO (CPU plugin, f32 inference precision) on that same plain export
+    torch-tensorrt-fp16   Torch-TensorRT compile of the reference (GPU, when installed)
+Ours:
+    stt_fast-fp32/-fp16/-bf16   stt_fast.compile in each precision, its default backend (half precisions
+                          on a GPU); on the CPU that default is ONNX Runtime on stt_fast's graph
     stt_fast-torch-fp32   stt_fast.compile(backend="torch"): the PyTorch-only path
-    onnxruntime-fp32/-fp16      the exported graphs in ONNX Runtime (CUDA EP on GPU when present)
+    stt_fast-onnxruntime-fp32/-fp16   stt_fast's exported graph (the rewritten program) in ONNX Runtime
     tensorrt-fp16         stt_fast.compile(backend="tensorrt") (TensorRT and a GPU)
 """
 
@@ -13,15 +22,20 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib.util
 import shutil
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from stt_fast.flops import model_cost, program_flops
 from stt_fast.model import STT
+
+ROLES = ("peer", "ours")
 
 
 @dataclass
@@ -37,12 +51,26 @@ class Built:
 class Backend:
     name: str
     precision: str
+    role: str  # "peer": what a user would run instead; "ours": stt_fast
     unavailable: Callable[[torch.device], str | None]
     build: Callable[[STT, torch.device, Path], Built]
+    executes: str = "reference"  # whose FLOPs the backend executes: "reference" or "program" (stt_fast's)
+
+    def executed_flops(self, config) -> int:
+        """FLOPs per clip this backend executes (stt_fast's program prunes and folds work)."""
+        return program_flops(config) if self.executes == "program" else model_cost(config).flops_per_clip
 
 
 def _needs_cuda(device: torch.device) -> str | None:
     return None if device.type == "cuda" else "half precision backends run on a CUDA GPU in this suite"
+
+
+def _needs(*modules: str, extra: str):
+    def unavailable(device: torch.device) -> str | None:
+        missing = [m for m in modules if importlib.util.find_spec(m) is None]
+        return f"{', '.join(missing)} not installed (pip install 'stt-fast[{extra}]')" if missing else None
+
+    return unavailable
 
 
 def _param_bytes(module: torch.nn.Module) -> int:
@@ -58,15 +86,17 @@ def _timed(build: Callable[[], tuple[Callable, int | None, str]], device: torch.
     return Built(run, input_device or device, time.perf_counter() - start, size, notes)
 
 
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
 def _eager(dtype: torch.dtype | None):
     def build(model: STT, device: torch.device, workdir: Path) -> Built:
         def make():
             m = copy.deepcopy(model).to(device).eval()
-            autocast = (torch.autocast(device.type, dtype=dtype) if dtype is not None
-                        else contextlib.nullcontext())
 
             def run(clips):
-                with torch.no_grad(), autocast:
+                with torch.no_grad(), _autocast(device, dtype):
                     return m(clips)
 
             return run, _param_bytes(m), "autocast" if dtype is not None else ""
@@ -76,19 +106,23 @@ def _eager(dtype: torch.dtype | None):
     return build
 
 
-def _torch_compile(model: STT, device: torch.device, workdir: Path) -> Built:
-    def make():
-        m = copy.deepcopy(model).to(device).eval()
-        mode = "max-autotune" if device.type == "cuda" else "default"
-        compiled = torch.compile(m, mode=mode)
+def _torch_compile(dtype: torch.dtype | None):
+    def build(model: STT, device: torch.device, workdir: Path) -> Built:
+        def make():
+            m = copy.deepcopy(model).to(device).eval()
+            mode = "max-autotune" if device.type == "cuda" else "default"
+            compiled = torch.compile(m, mode=mode)
 
-        def run(clips):
-            with torch.no_grad():
-                return compiled(clips)
+            def run(clips):
+                with torch.no_grad(), _autocast(device, dtype):
+                    return compiled(clips)
 
-        return run, _param_bytes(m), f"mode={mode}; compilation happens at each batch size's first call"
+            return run, _param_bytes(m), (f"mode={mode}{', fp16 autocast' if dtype else ''}; compilation happens at "
+                                          "each batch size's first call")
 
-    return _timed(make, device)
+        return _timed(make, device)
+
+    return build
 
 
 def _torch_compile_unavailable(device: torch.device) -> str | None:
@@ -97,17 +131,25 @@ def _torch_compile_unavailable(device: torch.device) -> str | None:
     return None
 
 
+def _torch_compile_fp16_unavailable(device: torch.device) -> str | None:
+    return _needs_cuda(device) or _torch_compile_unavailable(device)
+
+
 def _stt_fast(dtype: torch.dtype, backend: str = "auto"):
     def build(model: STT, device: torch.device, workdir: Path) -> Built:
         import stt_fast
 
         def make():
             cache = workdir / f"cache-{backend}-{dtype}"
-            options = {"cache_dir": cache} if backend == "auto" and device.type == "cpu" else {}
+            options = {"cache_dir": cache} if backend in ("auto", "onnxruntime") and device.type == "cpu" else {}
             compiled = stt_fast.compile(model, device=device, dtype=dtype, backend=backend, validate=False,
                                         **options)
-            size = _param_bytes(compiled.program) or sum(f.stat().st_size for f in cache.rglob("*.onnx"))
-            return compiled, size, f"backend={compiled.backend}"
+            size = sum(f.stat().st_size for f in cache.rglob("*.onnx")) if compiled.backend == "onnxruntime" \
+                else _param_bytes(compiled.program)
+            note = f"backend={compiled.backend}"
+            if compiled.fallback_reason:
+                note += f" (fell back: {compiled.fallback_reason})"
+            return compiled, size, note
 
         return _timed(make, device)
 
@@ -115,38 +157,93 @@ def _stt_fast(dtype: torch.dtype, backend: str = "auto"):
 
 
 def _ort_unavailable(device: torch.device) -> str | None:
-    try:
-        import onnxruntime  # noqa: F401
-        import onnxscript  # noqa: F401
-    except ImportError:
-        return "onnxruntime / onnxscript not installed (pip install 'stt-fast[export]')"
-    return None
+    return _needs("onnxruntime", "onnxscript", extra="export")(device)
 
 
-def _onnxruntime(precision: str):
+def _plain_onnx(model: STT, workdir: Path) -> Path:
+    """The reference model exported as a user would: torch.onnx.export with a dynamic batch (shared by
+    the ONNX Runtime and OpenVINO peers)."""
+    path = workdir / "plain-reference.onnx"
+    if not path.is_file():
+        c = model.config
+        example = torch.rand(2, c.num_frames, 3, c.image_size, c.image_size)
+        reference = copy.deepcopy(model).cpu().float().eval()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(reference, (example,), str(path), dynamo=True, input_names=["clips"],
+                              output_names=["logits"], verbose=False,
+                              dynamic_shapes={"clips": {0: torch.export.Dim("batch", min=1, max=4096)}})
+    return path
+
+
+def _providers(device: torch.device) -> tuple[list[str], str]:
+    import onnxruntime as ort
+
+    if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"], "CUDA EP, inputs and logits copied per call"
+    return ["CPUExecutionProvider"], "CPU EP"
+
+
+def _onnxruntime_ours(precision: str):
     def build(model: STT, device: torch.device, workdir: Path) -> Built:
-        import onnxruntime as ort
         from stt_fast.export import export_onnx, simplify_onnx
         from stt_fast.export.parity import ort_session, run_session
 
         def make():
             raw = export_onnx(model, workdir / f"raw-{precision}.onnx", precision=precision)
             path = simplify_onnx(raw, workdir / f"model-{precision}.onnx").path
-            use_cuda = device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers()
-            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if use_cuda else ["CPUExecutionProvider"]
+            providers, note = _providers(device)
             session = ort_session(path, providers)
-            note = "CUDA EP, inputs and logits copied host<->device per call" if use_cuda else "CPU EP"
-            return (lambda clips: run_session(session, clips)), path.stat().st_size, note
+            return (lambda clips: run_session(session, clips)), path.stat().st_size, \
+                f"{note}; stt_fast's exported graph (the rewritten program)"
 
         return _timed(make, device, input_device=torch.device("cpu"))
 
     return build
 
 
+def _onnxruntime_plain(model: STT, device: torch.device, workdir: Path) -> Built:
+    from stt_fast.export.parity import ort_session, run_session
+
+    def make():
+        path = _plain_onnx(model, workdir)
+        providers, note = _providers(device)
+        session = ort_session(path, providers)
+        return (lambda clips: run_session(session, clips)), path.stat().st_size, \
+            f"{note}; torch.onnx.export of the reference model, ONNX Runtime's default graph optimisations"
+
+    return _timed(make, device, input_device=torch.device("cpu"))
+
+
+def _openvino_unavailable(device: torch.device) -> str | None:
+    if device.type != "cpu":
+        return "OpenVINO runs on the CPU in this suite"
+    return _needs("openvino", "onnxscript", extra="openvino")(device)
+
+
+def _openvino(model: STT, device: torch.device, workdir: Path) -> Built:
+    def make():
+        import numpy as np
+        import openvino as ov
+
+        path = _plain_onnx(model, workdir)
+        # f32 inference precision: on CPUs with bf16 units OpenVINO would otherwise compute in bf16
+        compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32",
+                                                              "PERFORMANCE_HINT": "LATENCY"})
+        request = compiled.create_infer_request()
+
+        def run(clips):
+            request.infer({0: np.ascontiguousarray(clips.cpu().numpy())})
+            return torch.from_numpy(request.get_output_tensor(0).data.copy())
+
+        return run, path.stat().st_size, (f"OpenVINO {ov.__version__} CPU plugin, f32, latency hint, on "
+                                          "torch.onnx.export of the reference model")
+
+    return _timed(make, device, input_device=torch.device("cpu"))
+
+
 def _tensorrt_unavailable(device: torch.device) -> str | None:
-    try:
-        import tensorrt  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("tensorrt") is None:
         return "TensorRT is not installed"
     return None if device.type == "cuda" else "TensorRT needs a CUDA GPU"
 
@@ -163,18 +260,48 @@ def _tensorrt(model: STT, device: torch.device, workdir: Path) -> Built:
     return _timed(make, device)
 
 
+def _torch_tensorrt_unavailable(device: torch.device) -> str | None:
+    if importlib.util.find_spec("torch_tensorrt") is None:
+        return "Torch-TensorRT is not installed"
+    return None if device.type == "cuda" else "Torch-TensorRT needs a CUDA GPU"
+
+
+def _torch_tensorrt(model: STT, device: torch.device, workdir: Path) -> Built:
+    def make():
+        import torch_tensorrt
+
+        m = copy.deepcopy(model).to(device).eval()
+        c = model.config
+        example = torch.rand(8, c.num_frames, 3, c.image_size, c.image_size, device=device)
+        spec = torch_tensorrt.Input(min_shape=(1, *example.shape[1:]), opt_shape=tuple(example.shape),
+                                    max_shape=(256, *example.shape[1:]), dtype=torch.float32)
+        compiled = torch_tensorrt.compile(m, ir="dynamo", inputs=[spec], enabled_precisions={torch.float16})
+
+        def run(clips):
+            with torch.no_grad():
+                return compiled(clips)
+
+        return run, _param_bytes(m), f"Torch-TensorRT {torch_tensorrt.__version__}, dynamo IR, fp16 enabled"
+
+    return _timed(make, device)
+
+
 BACKENDS: dict[str, Backend] = {b.name: b for b in [
-    Backend("eager-fp32", "fp32", lambda d: None, _eager(None)),
-    Backend("eager-fp16", "fp16", _needs_cuda, _eager(torch.float16)),
-    Backend("eager-bf16", "bf16", _needs_cuda, _eager(torch.bfloat16)),
-    Backend("torch-compile", "fp32", _torch_compile_unavailable, _torch_compile),
-    Backend("stt_fast-fp32", "fp32", lambda d: None, _stt_fast(torch.float32)),
-    Backend("stt_fast-fp16", "fp16", _needs_cuda, _stt_fast(torch.float16)),
-    Backend("stt_fast-bf16", "bf16", _needs_cuda, _stt_fast(torch.bfloat16)),
-    Backend("stt_fast-torch-fp32", "fp32", lambda d: None, _stt_fast(torch.float32, "torch")),
-    Backend("onnxruntime-fp32", "fp32", _ort_unavailable, _onnxruntime("fp32")),
-    Backend("onnxruntime-fp16", "fp16", _ort_unavailable, _onnxruntime("fp16")),
-    Backend("tensorrt-fp16", "fp16", _tensorrt_unavailable, _tensorrt),
+    Backend("eager-fp32", "fp32", "peer", lambda d: None, _eager(None)),
+    Backend("eager-fp16", "fp16", "peer", _needs_cuda, _eager(torch.float16)),
+    Backend("eager-bf16", "bf16", "peer", _needs_cuda, _eager(torch.bfloat16)),
+    Backend("torch-compile", "fp32", "peer", _torch_compile_unavailable, _torch_compile(None)),
+    Backend("torch-compile-fp16", "fp16", "peer", _torch_compile_fp16_unavailable, _torch_compile(torch.float16)),
+    Backend("onnxruntime-plain-fp32", "fp32", "peer", _ort_unavailable, _onnxruntime_plain),
+    Backend("openvino-fp32", "fp32", "peer", _openvino_unavailable, _openvino),
+    Backend("torch-tensorrt-fp16", "fp16", "peer", _torch_tensorrt_unavailable, _torch_tensorrt),
+    Backend("stt_fast-fp32", "fp32", "ours", lambda d: None, _stt_fast(torch.float32), "program"),
+    Backend("stt_fast-fp16", "fp16", "ours", _needs_cuda, _stt_fast(torch.float16), "program"),
+    Backend("stt_fast-bf16", "bf16", "ours", _needs_cuda, _stt_fast(torch.bfloat16), "program"),
+    Backend("stt_fast-torch-fp32", "fp32", "ours", lambda d: None, _stt_fast(torch.float32, "torch"), "program"),
+    Backend("stt_fast-onnxruntime-fp32", "fp32", "ours", _ort_unavailable, _onnxruntime_ours("fp32"), "program"),
+    Backend("stt_fast-onnxruntime-fp16", "fp16", "ours", _ort_unavailable, _onnxruntime_ours("fp16"), "program"),
+    Backend("tensorrt-fp16", "fp16", "ours", _tensorrt_unavailable, _tensorrt, "program"),
 ]}
 REFERENCE = "eager-fp32"
 

@@ -24,23 +24,15 @@ from stt_fast.kernels import st_attention, st_attention_reference, st_attention_
 from stt_fast.kernels.st_attention import HAS_TRITON
 
 from stt_fast.accuracy import relative_error
+from stt_fast.bounds import attention_work, gpu_spec, roofline
 from stt_fast.files import write_text_atomic
 
-from .harness import DEFAULT_RESULTS
 from .machine import machine_header, measure_ceilings
 from .timing import measure
 
 MODES = ("joint", "spatial", "temporal")
 SDPA_BACKENDS = ("flash", "efficient", "cudnn", "math")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-
-
-def attention_flops(mode: str, batch: int, frames: int, patches: int, heads: int, head_dim: int) -> int:
-    """4 * Lq * Lk * Dh per group and head (QK^T and PV, 2 FLOPs per multiply-add)."""
-    length = 1 + frames * patches
-    per_head = {"joint": length * length, "spatial": frames * (patches + 1) ** 2,
-                "temporal": patches * frames * frames}[mode]
-    return 4 * batch * heads * head_dim * per_head
 
 
 def _sdpa_context(name: str):
@@ -68,18 +60,20 @@ def implementations(device: torch.device) -> dict:
 
 def run(batch_sizes=(1, 8, 64), dtype: str = "fp16", device: str | None = None, frames: int = 16,
         patches: int = 49, heads: int = 8, head_dim: int = 64, min_seconds: float = 0.5,
-        output_dir=DEFAULT_RESULTS) -> tuple[dict, Path | None]:
+        output_dir=None) -> tuple[dict, Path | None]:
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch_dtype = DTYPES[dtype]
     ceilings = measure_ceilings(device)
+    header = machine_header(device)
+    spec = gpu_spec(header["gpu"]["name"], header["gpu"].get("memory_gib")) if device.type == "cuda" else None
     rows = []
     for mode in MODES:
         for batch in batch_sizes:
             qkv = torch.randn(batch, 1 + frames * patches, 3, heads, head_dim, device=device, dtype=torch_dtype)
             q, k, v = qkv.unbind(2)
             expected = st_attention_reference(q.double(), k.double(), v.double(), num_frames=frames, mode=mode)
-            flops = attention_flops(mode, batch, frames, patches, heads, head_dim)
-            moved = 4 * q.numel() * q.element_size()
+            flops, moved = attention_work(mode, batch, frames, patches, heads, head_dim, q.element_size())
+            bound = roofline(spec, flops, moved, dtype) if spec is not None else None
             for name, (fn, context, reason) in implementations(device).items():
                 row = {"mode": mode, "batch": batch, "impl": name}
                 if reason:
@@ -94,6 +88,9 @@ def run(batch_sizes=(1, 8, 64), dtype: str = "fp16", device: str | None = None, 
                     rows.append(row | {"skipped": str(e).splitlines()[0][:200]})
                     continue
                 seconds = timing.median_ms / 1e3
+                if bound is not None:
+                    row |= {"bound_us": bound.microseconds, "bound_limited_by": bound.limited_by,
+                            "fraction_of_bound": bound.microseconds / 1e6 / seconds}
                 rows.append(row | {"timing": timing.to_dict(), "tflops": flops / seconds / 1e12,
                                    "gbps": moved / seconds / 1e9,
                                    "fraction_of_matmul_peak": flops / seconds / 1e12 / ceilings["matmul_tflops"],
@@ -105,7 +102,6 @@ def run(batch_sizes=(1, 8, 64), dtype: str = "fp16", device: str | None = None, 
                     and r["impl"].startswith("sdpa-") and "timing" in r]
             if sdpa:
                 row["speedup_vs_fastest_sdpa"] = min(sdpa) / row["timing"]["median_ms"]
-    header = machine_header(device)
     result = {"schema": 1, "benchmark": "st_attention",
               "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "machine": header, "ceilings": ceilings, "dtype": dtype,
@@ -121,14 +117,15 @@ def run(batch_sizes=(1, 8, 64), dtype: str = "fp16", device: str | None = None, 
 
 def format_rows(result: dict) -> str:
     lines = [f"{'mode':9s} {'batch':>5s} {'impl':15s} {'median ms':>10s} {'TFLOP/s':>8s} {'GB/s':>8s} "
-             f"{'%peak':>6s} {'rel err':>8s} {'vs SDPA':>8s}"]
+             f"{'%peak':>6s} {'%bound':>7s} {'rel err':>8s} {'vs SDPA':>8s}"]
     for r in result["rows"]:
         if "timing" not in r:
             lines.append(f"{r['mode']:9s} {r['batch']:5d} {r['impl']:15s} skipped: {r['skipped']}")
             continue
         speedup = f"{r['speedup_vs_fastest_sdpa']:.2f}x" if "speedup_vs_fastest_sdpa" in r else ""
+        bound = f"{100 * r['fraction_of_bound']:6.1f}%" if "fraction_of_bound" in r else ""
         lines.append(f"{r['mode']:9s} {r['batch']:5d} {r['impl']:15s} {r['timing']['median_ms']:10.3f} "
-                     f"{r['tflops']:8.2f} {r['gbps']:8.1f} {100 * r['fraction_of_matmul_peak']:5.1f}% "
+                     f"{r['tflops']:8.2f} {r['gbps']:8.1f} {100 * r['fraction_of_matmul_peak']:5.1f}% {bound:>7s} "
                      f"{r['relative_error']:8.1e} {speedup:>8s}")
     return "\n".join(lines)
 
@@ -139,7 +136,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="fp16", choices=sorted(DTYPES))
     parser.add_argument("--device", default=None)
     parser.add_argument("--min-seconds", type=float, default=0.5)
-    parser.add_argument("--output", default=str(DEFAULT_RESULTS))
+    parser.add_argument("--output", default="results", help="results folder (the project's committed results: "
+                                                            "benchmarks/results)")
     parser.add_argument("--no-save", action="store_true")
     args = parser.parse_args(argv)
     result, path = run([int(b) for b in args.batch_sizes.split(",")], args.dtype, args.device,

@@ -13,8 +13,6 @@ from pathlib import Path
 
 from stt_fast.files import atomic_output, write_text_atomic
 
-REFERENCE = "eager-fp32"
-
 
 def load_results(root: str | os.PathLike) -> list[dict]:
     """Every result JSON under root (a folder) or root itself (a file), oldest first."""
@@ -53,32 +51,60 @@ def _machine_line(r: dict) -> str:
             f"{c['matmul_size']}^3 matmul), copy {c['copy_gbps']} GB/s")
 
 
+def _timed(record: dict) -> list[dict]:
+    return [b for b in record.get("batches", []) if "timing" in b]
+
+
+def _ratio(value) -> str:
+    return "" if value is None else f"{value:.2f}x"
+
+
 def markdown(results: list[dict]) -> str:
     """One table per (machine, config), newest run each."""
     parts = []
     for (slug, config_name), r in sorted(latest(results).items()):
         gflops = r["model"]["flops_per_clip"] / 1e9
+        program = r["model"].get("program_flops_per_clip")
+        executed = f" (stt_fast's program executes {program / 1e9:.2f})" if program else ""
         parts.append(f"### {slug} / {config_name} ({r['created'][:10]})\n\n{_machine_line(r)}. "
-                     f"Model: {r['model']['parameters'] / 1e6:.2f} M parameters, {gflops:.2f} GFLOPs per clip.\n")
-        parts.append("| backend | batch | median ms | p90 ms | p99 ms | clips/s | vs eager-fp32 | % of peak | "
-                     "first call ms | rel. error | top-1 agree |")
-        parts.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-        notes = []
+                     f"Model: {r['model']['parameters'] / 1e6:.2f} M parameters, {gflops:.2f} GFLOPs per clip"
+                     f"{executed}.\n")
+        bound = any("fraction_of_bound" in b for rec in r["results"] for b in _timed(rec))
+        parts.append("| backend | role | batch | median ms | p90 ms | p99 ms | clips/s | vs eager-fp32 | "
+                     "vs fastest peer | % of peak |" + (" % of bound |" if bound else "") +
+                     " first call ms | rel. error | top-1 agree |")
+        parts.append("|---|---|" + "---:|" * (11 + bound))
+        notes, noisy = [], []
         for rec in r["results"]:
             if "batches" not in rec:
                 notes.append(f"- {rec['backend']}: {rec.get('skipped') or rec.get('error')}")
                 continue
             for b in rec["batches"]:
+                if "timing" not in b:
+                    notes.append(f"- {rec['backend']} batch {b['batch']}: FAILED: {b.get('error')}")
+                    continue
                 t = b["timing"]
-                speedup = b.get("speedup_vs_eager_fp32")
+                flag = " (noisy)" if b.get("noisy") else ""
+                if b.get("noisy"):
+                    noisy.append(f"{rec['backend']} batch {b['batch']}: {b['noisy']}")
+                peer = _ratio(b.get("vs_fastest_peer"))
                 parts.append(
-                    f"| {rec['backend']} | {b['batch']} | {t['median_ms']:.2f} | {t['p90_ms']:.2f} | "
-                    f"{t['p99_ms']:.2f} | {b['clips_per_second']:.1f} | "
-                    f"{'' if speedup is None else f'{speedup:.2f}x'} | {100 * b['fraction_of_peak']:.1f}% | "
-                    f"{b['first_call_ms']:.0f} | {b['accuracy']['relative_error']:.1e} | "
-                    f"{b['accuracy']['top1_agreement']:.3f} |")
+                    f"| {rec['backend']}{flag} | {rec.get('role', '')} | {b['batch']} | {t['median_ms']:.2f} | "
+                    f"{t['p90_ms']:.2f} | {t['p99_ms']:.2f} | {b['clips_per_second']:.1f} | "
+                    f"{_ratio(b.get('speedup_vs_eager_fp32'))} | {peer} | {100 * b['fraction_of_peak']:.1f}% |"
+                    + (f" {100 * b['fraction_of_bound']:.1f}% |" if bound and "fraction_of_bound" in b else
+                       " |" if bound else "")
+                    + f" {b['first_call_ms']:.0f} | {b['accuracy']['relative_error']:.1e} | "
+                      f"{b['accuracy']['top1_agreement']:.3f} |")
             if rec.get("notes"):
-                notes.append(f"- {rec['backend']}: built in {rec['build_seconds']:.1f} s; {rec['notes']}")
+                same = (f"; the same engine and graph as {rec['same_as']} on this machine, not a second one"
+                        if rec.get("same_as") else "")
+                notes.append(f"- {rec['backend']}: built in {rec['build_seconds']:.1f} s; {rec['notes']}{same}")
+        peers = _fastest_peers(r)
+        if peers:
+            parts.append("\nFastest peer per batch size (what \"vs fastest peer\" divides by, same precision "
+                         "family): " + "; ".join(f"batch {batch} {family}: {name} {ms:.2f} ms"
+                                                for (family, batch), (ms, name) in sorted(peers.items())) + ".")
         labelled = [rec for rec in r["results"] if "labelled" in rec]
         if labelled:
             parts.append(f"\nLabelled set ({r.get('labelled_samples')} clips):\n")
@@ -88,10 +114,24 @@ def markdown(results: list[dict]) -> str:
                 lab = rec["labelled"]
                 parts.append(f"| {rec['backend']} | {lab['war']:.4f} | {lab['uar']:.4f} | "
                              f"{lab.get('war_minus_reference', 0):+.4f} | {lab.get('uar_minus_reference', 0):+.4f} |")
+        if noisy:
+            notes.append(f"- noisy measurements ({r.get('noise_rule', 'spread or ceiling')}): " + "; ".join(noisy))
         if notes:
             parts.append("\n" + "\n".join(notes))
         parts.append("")
     return "\n".join(parts)
+
+
+def _fastest_peers(result: dict) -> dict[tuple[str, int], tuple[float, str]]:
+    fastest: dict[tuple[str, int], tuple[float, str]] = {}
+    for rec in result["results"]:
+        if rec.get("role") != "peer":
+            continue
+        for b in _timed(rec):
+            key = ("fp32" if rec["precision"] == "fp32" else "half", b["batch"])
+            if key not in fastest or b["timing"]["median_ms"] < fastest[key][0]:
+                fastest[key] = (b["timing"]["median_ms"], rec["backend"])
+    return fastest
 
 
 def plots(results: list[dict], out_dir: str | os.PathLike) -> list[Path]:
@@ -103,7 +143,7 @@ def plots(results: list[dict], out_dir: str | os.PathLike) -> list[Path]:
 
     out_dir = Path(out_dir)
     runs = latest(results)
-    backends = sorted({rec["backend"] for r in runs.values() for rec in r["results"] if "batches" in rec})
+    backends = sorted({rec["backend"] for r in runs.values() for rec in r["results"] if _timed(rec)})
     written = []
 
     def save(fig, name):
@@ -118,9 +158,9 @@ def plots(results: list[dict], out_dir: str | os.PathLike) -> list[Path]:
     fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.4 * rows), squeeze=False)
     for ax, backend in zip(axes.flat, backends):
         for (slug, config_name), r in sorted(runs.items()):
-            rec = next((x for x in r["results"] if x["backend"] == backend and "batches" in x), None)
+            rec = next((x for x in r["results"] if x["backend"] == backend and _timed(x)), None)
             if rec:
-                ax.plot([b["batch"] for b in rec["batches"]], [b["timing"]["median_ms"] for b in rec["batches"]],
+                ax.plot([b["batch"] for b in _timed(rec)], [b["timing"]["median_ms"] for b in _timed(rec)],
                         marker="o", label=f"{slug} / {config_name}")
         ax.set(title=backend, xlabel="batch", ylabel="median latency (ms)", xscale="log", yscale="log")
         ax.legend(fontsize=6)
@@ -136,8 +176,8 @@ def plots(results: list[dict], out_dir: str | os.PathLike) -> list[Path]:
         for i, ((slug, config_name), r) in enumerate(sorted(runs.items())):
             values = []
             for backend in backends:
-                rec = next((x for x in r["results"] if x["backend"] == backend and "batches" in x), None)
-                b = rec["batches"][-1] if rec else None  # the largest batch
+                rec = next((x for x in r["results"] if x["backend"] == backend and _timed(x)), None)
+                b = _timed(rec)[-1] if rec else None  # the largest batch
                 value = (b["accuracy"][key] if key == "relative_error" else b.get(key)) if b else None
                 values.append(float("nan") if value is None else max(value, 1e-12) if log else value)
             ax.bar([j + i * width for j in range(len(backends))], values, width, label=f"{slug} / {config_name}")

@@ -75,9 +75,10 @@ def measure(fn: Callable[[], object], device: torch.device | str = "cpu", *, war
 
 def measure_interleaved(fns: dict[str, Callable[[], object]], device: torch.device | str = "cpu", *,
                         warmup: int = 3, min_runs: int = 10, max_runs: int = 200, min_seconds: float = 1.0,
-                        runs_per_round: int = 1) -> dict[str, Timing]:
+                        runs_per_round: int = 1, on_run: Callable[[str], None] | None = None) -> dict[str, Timing]:
     """Time each function: rounds of `runs_per_round` calls of each in turn, until every one has at least
-    min_runs runs and at least min_seconds of its own run time (at most max_runs)."""
+    min_runs runs and at least min_seconds of its own run time (at most max_runs). on_run(name) is
+    called after each timed run (progress)."""
     device = torch.device(device)
     for fn in fns.values():
         for _ in range(warmup):
@@ -92,5 +93,8 @@ def measure_interleaved(fns: dict[str, Callable[[], object]], device: torch.devi
     while any(more(name) for name in fns):
         for name, fn in fns.items():
             if more(name):
-                samples[name].extend(time_once(fn, device) for _ in range(runs_per_round))
+                for _ in range(runs_per_round):
+                    samples[name].append(time_once(fn, device))
+                    if on_run is not None:
+                        on_run(name)
     return {name: summarize(runs, warmup) for name, runs in samples.items()}

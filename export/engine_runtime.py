@@ -15,8 +15,9 @@ the GPU name and compute capability, and whether it was built version- or hardwa
 engine is refused, with the reason, when the TensorRT or GPU at hand cannot run it, when its bytes do
 not match the hash in the sidecar (truncated or replaced), or when the sidecar is missing.
 
-EngineRunner is one small class with two buffer back ends: "torch" (torch CUDA tensors, the engine
-enqueued on the current torch stream) and "pycuda" (numpy in, numpy out, device memory from pycuda).
+EngineRunner is one small class with three buffer back ends: "torch" (torch CUDA tensors, the engine
+enqueued on the current torch stream), and, without PyTorch, "cuda-python" (NVIDIA's cuda.bindings
+runtime API, installed as wheels) or "pycuda" (numpy in, numpy out for both).
 """
 
 from __future__ import annotations
@@ -231,6 +232,76 @@ class _PyCudaBuffers:
         return self.np.concatenate(parts)
 
 
+def _cuda_check(result, what: str):
+    """cuda-python returns (error, *values): raise on an error, return the value(s)."""
+    from cuda.bindings import runtime as cudart
+
+    error, *values = result
+    if error != cudart.cudaError_t.cudaSuccess:
+        raise RuntimeError(f"{what} failed: {error.name} (is there a CUDA GPU and driver?)")
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+class _CudaRuntimeBuffers:
+    """numpy in, numpy out; device memory and a stream from NVIDIA's cuda-python (cuda.bindings.runtime),
+    which installs as wheels where pycuda has to be compiled."""
+
+    def __init__(self, device: int) -> None:
+        import numpy as np
+        from cuda.bindings import runtime as cudart
+
+        self.np, self.cudart = np, cudart
+        _cuda_check(cudart.cudaSetDevice(device), "cudaSetDevice")
+        self.stream = _cuda_check(cudart.cudaStreamCreate(), "cudaStreamCreate")
+        self._capacity = (0, 0)
+        self._d_in = self._d_out = None
+
+    def _ensure(self, in_bytes: int, out_bytes: int) -> None:
+        if in_bytes <= self._capacity[0] and out_bytes <= self._capacity[1]:
+            return  # grow once, reuse after
+        for pointer in (self._d_in, self._d_out):
+            if pointer is not None:
+                _cuda_check(self.cudart.cudaFree(pointer), "cudaFree")
+        self._d_in = _cuda_check(self.cudart.cudaMalloc(in_bytes), "cudaMalloc")
+        self._d_out = _cuda_check(self.cudart.cudaMalloc(out_bytes), "cudaMalloc")
+        self._capacity = (in_bytes, out_bytes)
+
+    def run(self, context, clips, input_dtype: str, num_classes: int):
+        np, cudart = self.np, self.cudart
+        host_in = np.ascontiguousarray(clips, dtype=np.float32 if input_dtype == "float32" else np.uint8)
+        host_out = np.empty((host_in.shape[0], num_classes), dtype=np.float32)
+        self._ensure(host_in.nbytes, host_out.nbytes)
+        kind = cudart.cudaMemcpyKind
+        _cuda_check(cudart.cudaMemcpyAsync(self._d_in, host_in.ctypes.data, host_in.nbytes,
+                                           kind.cudaMemcpyHostToDevice, self.stream), "cudaMemcpyAsync")
+        context.set_input_shape(INPUT_NAME, host_in.shape)
+        context.set_tensor_address(INPUT_NAME, int(self._d_in))
+        context.set_tensor_address(OUTPUT_NAME, int(self._d_out))
+        if not context.execute_async_v3(int(self.stream)):
+            raise RuntimeError("TensorRT execution failed (execute_async_v3 returned False)")
+        _cuda_check(cudart.cudaMemcpyAsync(host_out.ctypes.data, self._d_out, host_out.nbytes,
+                                           kind.cudaMemcpyDeviceToHost, self.stream), "cudaMemcpyAsync")
+        _cuda_check(cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
+        return host_out
+
+    def concat(self, parts):
+        return self.np.concatenate(parts)
+
+
+BUFFERS = {"torch": _TorchBuffers, "pycuda": _PyCudaBuffers, "cuda-python": _CudaRuntimeBuffers}
+
+
+def default_buffers() -> str:
+    """Without PyTorch: cuda-python where installed (wheels), else pycuda."""
+    import importlib.util
+
+    try:
+        found = importlib.util.find_spec("cuda.bindings") is not None
+    except ModuleNotFoundError:
+        found = False
+    return "cuda-python" if found else "pycuda"
+
+
 def current_gpu(device: int, buffers: str) -> tuple[str, str]:
     """(name, compute capability) of CUDA device `device`, asked through the chosen buffer back end."""
     if buffers == "torch":
@@ -238,6 +309,12 @@ def current_gpu(device: int, buffers: str) -> tuple[str, str]:
 
         props = torch.cuda.get_device_properties(device)
         return props.name, f"{props.major}.{props.minor}"
+    if buffers == "cuda-python":
+        from cuda.bindings import runtime as cudart
+
+        props = _cuda_check(cudart.cudaGetDeviceProperties(device), "cudaGetDeviceProperties")
+        name = props.name.decode() if isinstance(props.name, bytes) else str(props.name)
+        return name.rstrip("\x00"), f"{props.major}.{props.minor}"
     import pycuda.driver as cuda
 
     cuda.init()
@@ -250,14 +327,14 @@ class EngineRunner:
     """Load a checked engine and run it: clips [B, T, 3, H, W] -> logits [B, K] float32.
 
     buffers="torch": inputs are anything torch.as_tensor takes, logits a CUDA tensor.
-    buffers="pycuda": inputs are numpy arrays, logits a numpy array.
+    buffers="cuda-python" or "pycuda": inputs are numpy arrays, logits a numpy array (no PyTorch).
     Batches above the engine's profile maximum run in chunks.
     """
 
     def __init__(self, engine_path: str | os.PathLike, *, buffers: str = "torch", device: int = 0,
                  engine_bytes: bytes | None = None, sidecar: dict[str, Any] | None = None) -> None:
-        if buffers not in ("torch", "pycuda"):
-            raise ValueError(f"buffers must be 'torch' or 'pycuda', got {buffers!r}")
+        if buffers not in BUFFERS:
+            raise ValueError(f"buffers must be one of {sorted(BUFFERS)}, got {buffers!r}")
         self.path = Path(engine_path)
         if engine_bytes is None:
             if not self.path.is_file():
@@ -280,7 +357,7 @@ class EngineRunner:
         if self.engine is None:
             raise EngineCompatibilityError(f"TensorRT could not deserialize {self.path} (see its log above)")
         self.context = self.engine.create_execution_context()
-        self.buffers = _TorchBuffers(device) if buffers == "torch" else _PyCudaBuffers(device)
+        self.buffers = BUFFERS[buffers](device)
         self.input_dtype = self.sidecar["input"]["dtype"]
         self.num_classes = int(self.sidecar["output"]["shape"][-1])
         self.max_batch = int(self.sidecar["profile"]["max"])
@@ -302,7 +379,7 @@ def _sidecar_for_existing_engine(args) -> int:
     model = onnx.load(args.onnx, load_external_data=False)
     meta = {p.key: p.value for p in model.metadata_props}
     trt = import_tensorrt()
-    name, capability = current_gpu(args.device, "pycuda")
+    name, capability = current_gpu(args.device, args.buffers)
     batch = tuple(int(x) for x in args.batch.split(":"))
     sidecar = make_sidecar(engine_bytes=engine.read_bytes(), onnx_meta=meta, onnx_file=Path(args.onnx).name,
                            onnx_sha256=hashlib.sha256(Path(args.onnx).read_bytes()).hexdigest(),
@@ -335,7 +412,8 @@ def main(argv: list[str] | None = None) -> int:
     run = sub.add_parser("run", help="logits of clips saved as a .npy array")
     run.add_argument("engine")
     run.add_argument("--clips", required=True, help=".npy array [B, T, 3, H, W], float32 in [0, 1] or uint8")
-    run.add_argument("--buffers", default="pycuda", choices=["pycuda", "torch"])
+    run.add_argument("--buffers", default=default_buffers(), choices=sorted(BUFFERS),
+                     help="device memory from cuda-python, pycuda or torch (default: cuda-python where installed)")
     run.add_argument("--device", type=int, default=0)
     run.set_defaults(func=_run)
     side = sub.add_parser("sidecar", help="write the sidecar of an engine built with trtexec")
@@ -343,11 +421,13 @@ def main(argv: list[str] | None = None) -> int:
     side.add_argument("--onnx", required=True, help="the stt_fast ONNX file the engine was built from")
     side.add_argument("--batch", required=True, help="the MIN:OPT:MAX batch profile it was built with")
     side.add_argument("--device", type=int, default=0)
+    side.add_argument("--buffers", default=default_buffers(), choices=sorted(BUFFERS),
+                      help="which CUDA binding asks the GPU's name")
     side.set_defaults(func=_sidecar_for_existing_engine)
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, ImportError) as e:
+    except (ValueError, FileNotFoundError, ImportError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -81,7 +81,7 @@ def write_triton_repository(model_file: str | os.PathLike, repository: str | os.
         raise ValueError(f"max_batch_size {max_batch_size} is above the engine's profile maximum {profile_max}")
     final = repository / name
     if final.exists() and not overwrite:
-        raise FileExistsError(f"{final} exists (pass overwrite=True / --overwrite to replace it)")
+        raise FileExistsError(f"{final} exists; pass --force to replace it")
     repository.mkdir(parents=True, exist_ok=True)
     has_labels = config.num_classes == len(EMOTIONS)
     staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=repository))

@@ -85,9 +85,18 @@ def add_layer_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Te
     y = x if delta is None else torch.empty_like(x, memory_format=torch.contiguous_format)
     z = torch.empty_like(x, memory_format=torch.contiguous_format)
     y2, z2 = y.view(-1, dim) if delta is not None else x2, z.view(-1, dim)
-    block = triton.next_power_of_2(dim)
-    _add_layer_norm_kernel[(x2.shape[0],)](
-        x2, d2, weight, bias, y2, z2, x2.stride(0), d2.stride(0), y2.stride(0), z2.stride(0),
-        dim, eps, max(cls_period, 1), HAS_DELTA=delta is not None, SKIP_CLS=cls_period > 0,
-        BLOCK_D=block, num_warps=min(max(block // 256, 1), 16))
+    args, options = launch_arguments(x2, d2, weight, bias, y2, z2, eps, cls_period, has_delta=delta is not None)
+    _add_layer_norm_kernel[(x2.shape[0],)](*args, **options)
     return y, z
+
+
+def launch_arguments(x2, d2, weight, bias, y2, z2, eps: float, cls_period: int, *, has_delta: bool):
+    """(positional, keyword) arguments of one launch over [R, D] row views; shared by the launcher and the
+    ahead-of-time compiles (kernels/aot.py). One program per row; 4 warps per 1024 columns, so that each
+    thread holds 8 values of the row."""
+    dim = x2.shape[-1]
+    block = triton.next_power_of_2(dim)
+    args = [x2, d2, weight, bias, y2, z2, x2.stride(0), d2.stride(0), y2.stride(0), z2.stride(0), dim, eps,
+            max(cls_period, 1)]
+    return args, dict(HAS_DELTA=has_delta, SKIP_CLS=cls_period > 0, BLOCK_D=block,
+                      num_warps=min(max(block // 256, 1), 16))

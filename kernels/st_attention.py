@@ -7,20 +7,34 @@ lie, through their strides, typically as views of the packed [B, L, 3, H, Dh] qk
 permute, no contiguous copy, no repeated cls token. The output is a new contiguous [B, L, H, Dh] tensor
 (or ``out``), exactly what the output projection reads.
 
-How each mode maps onto programs (grid = (programs per (batch, head), B * H)):
+How each mode maps onto programs (grid = (programs per (batch, head), B * H)), and why. The facts
+quoted are ahead-of-time compiles at the paper's shape (H = 8, T = 16, N = 49, Dh = 64, packed qkv),
+fp16, from `stt-fast kernels aot` (benchmarks/results/kernels-aot/); no GPU has timed any of this yet.
 
 - joint: one group of L tokens per (b, h) (L = 785 at the paper's shape). Program i takes query rows
   [i * BLOCK_M, (i + 1) * BLOCK_M) and streams all L keys in BLOCK_N steps: the FlashAttention-2
-  regime, where the long key loop is what the pipeline overlaps.
+  regime, where the long key loop is what the pipeline overlaps. 128 x 64 tiles, 8 warps, 3 stages:
+  120 registers and wgmma on sm_90, 144-146 registers and mma.sync on sm_80-89, 48-64 KiB of shared
+  memory, no spills anywhere; 7 programs per head.
 - spatial: T groups of 1 + N keys per (b, h) (cls + one frame; 50 keys). Program 1 + t * tiles + i
   takes frame t's patch rows [i * BLOCK_M, ...) against the cls key and the frame's N keys; the row
   of key j is 0 for j = 0 and 1 + t * N + (j - 1) otherwise, so the cls token is read in place for
   every frame, never copied. Program 0 is the cls program: it attends the cls query to each frame's
   keys in turn (a 16-row tile of the repeated cls query, CLS_BLOCK_M) and stores the mean over
-  frames, so the mean needs no second launch and no atomics.
-- temporal: N groups of T keys per (b, h) (one grid position across frames; 16 keys, B * 49 * H
-  tiny groups). Program n takes rows 1 + t * N + n, a gather with stride N rows; program 0 also writes
-  the zero cls row.
+  frames, so the mean needs no second launch and no atomics. One 64 x 64 tile covers a frame's 49
+  queries and 50 keys, so the online softmax runs once: 4 warps, 1 stage (nothing to pipeline),
+  128 registers and wgmma on sm_90, 137-147 and mma.sync on sm_80-89, 24 KiB of shared memory.
+- temporal: N groups of T keys per (b, h) (one grid position across frames; 16 keys). A tile of
+  BLOCK_M >= T_PAD rows (T rounded up to a power of two) packs BLOCK_M // T_PAD grid positions: row r is
+  frame r % T_PAD of position pid * PACK + r // T_PAD, a gather with stride N rows, and the score tile
+  is masked block-diagonally, so one softmax pass serves PACK groups. Longer groups (T > BLOCK_M) take
+  position-major tiles that stream their keys like the other modes. Program 0 also writes the zero cls
+  row. The first plan gave each position its own 16-row tile: 49 programs per head of one warp, 16 x 16
+  mma.sync tiles everywhere (no wgmma on sm_90, which needs 64 rows and 4 warps), 64-78 registers. The
+  packed plan (64 rows = 4 positions, 4 warps) gives 13 programs per head and wgmma on sm_90 at 78
+  registers (64-71 and mma.sync on sm_80-89), 24 KiB of shared memory, for 4x the attention FLOPs
+  (16 x 64 instead of 16 x 16 scores per query: a few MFLOP per clip against a memory-bound gather).
+  Both plans stay candidates; the autotuner chooses on the GPU.
 
 Precision: float32 accumulation and softmax for every input dtype. float32 inputs use IEEE products
 (input_precision="ieee"), not TF32, so float32 results match the float64 reference to ~1e-7.
@@ -38,7 +52,7 @@ import torch
 from torch._subclasses.fake_tensor import is_fake
 
 from .contract import check_attention_inputs
-from .st_attention_configs import CANDIDATES, CLS_BLOCK_M, LaunchConfig, candidates
+from .st_attention_configs import CLS_BLOCK_M, LaunchConfig, candidate_table, candidates
 from .st_attention_reference import st_attention_reference
 
 try:
@@ -154,6 +168,44 @@ if HAS_TRITON:
                  mask=(rows == 0)[:, None])
 
     @triton.jit
+    def _temporal_packed(q_base, k_base, v_base, o_base, stride_ql, stride_qd, stride_kl, stride_kd,
+                         stride_vl, stride_vd, stride_ol, pid, T, N, qk_scale,
+                         BLOCK_M: tl.constexpr, T_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+                         DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
+        """Temporal attention of BLOCK_M // T_PAD grid positions at once: row r of the tile is frame
+        r % T_PAD of position pid * PACK + r // T_PAD. Queries and keys are the same rows; the score tile
+        is masked block-diagonally (a row sees only its own position's frames), so the tensor cores work
+        on one BLOCK_M x BLOCK_M tile instead of PACK tiles of T_PAD x T_PAD."""
+        PACK: tl.constexpr = BLOCK_M // T_PAD
+        r = tl.arange(0, BLOCK_M)
+        slot = r // T_PAD
+        frame = r % T_PAD
+        position = pid * PACK + slot
+        valid = (frame < T) & (position < N)
+        rows = 1 + frame * N + position
+        offs_d = tl.arange(0, HEAD_DIM)
+        q = tl.load(q_base + rows[:, None] * stride_ql + offs_d[None, :] * stride_qd, mask=valid[:, None], other=0.0)
+        k_t = tl.load(k_base + rows[None, :] * stride_kl + offs_d[:, None] * stride_kd, mask=valid[None, :],
+                      other=0.0)
+        v = tl.load(v_base + rows[:, None] * stride_vl + offs_d[None, :] * stride_vd, mask=valid[:, None], other=0.0)
+        if DOT_FP32:
+            q = q.to(tl.float32)
+            k_t = k_t.to(tl.float32)
+        s = tl.dot(q, k_t, input_precision=PRECISION) * qk_scale
+        s = tl.where((slot[:, None] == slot[None, :]) & valid[None, :], s, float("-inf"))
+        m = tl.max(s, 1)
+        m = tl.where(m == float("-inf"), 0.0, m)  # padding rows of an empty position: no NaN from -inf - -inf
+        p = tl.math.exp2(s - m[:, None])
+        l_sum = tl.sum(p, 1)
+        p = p.to(v.dtype)
+        if DOT_FP32:
+            p = p.to(tl.float32)
+            v = v.to(tl.float32)
+        out = tl.dot(p, v, input_precision=PRECISION) / tl.where(l_sum == 0.0, 1.0, l_sum)[:, None]
+        tl.store(o_base + rows[:, None] * stride_ol + offs_d[None, :], out.to(o_base.dtype.element_ty),
+                 mask=valid[:, None])
+
+    @triton.jit
     def _st_attention_kernel(
         Q, K, V, O,
         stride_qb, stride_ql, stride_qh, stride_qd,
@@ -162,7 +214,7 @@ if HAS_TRITON:
         stride_ob, stride_ol, stride_oh,
         H, L, T, N, qk_scale,
         MODE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        CLS_BLOCK: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+        CLS_BLOCK: tl.constexpr, T_PAD: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
     ):
         pid = tl.program_id(0)
         bh = tl.program_id(1)
@@ -187,14 +239,19 @@ if HAS_TRITON:
                              stride_vl, stride_vd, stride_ol, 1 + frame * N + i, i < N,
                              1 + frame * N, 1, N + 1, qk_scale,
                              True, BLOCK_M, BLOCK_N, HEAD_DIM, DOT_FP32, PRECISION)
-        elif MODE == 2:  # temporal: position-major query tiles, rows strided by N
-            tiles = tl.cdiv(T, BLOCK_M)
-            position = pid // tiles
-            i = (pid % tiles) * BLOCK_M + offs_m
-            _attend_tile(q_base, k_base, v_base, o_base, stride_ql, stride_qd, stride_kl, stride_kd,
-                         stride_vl, stride_vd, stride_ol, 1 + i * N + position, i < T,
-                         1 + position, N, T, qk_scale,
-                         False, BLOCK_M, BLOCK_N, HEAD_DIM, DOT_FP32, PRECISION)
+        elif MODE == 2:  # temporal
+            if BLOCK_M >= T_PAD:  # BLOCK_M // T_PAD whole grid positions per tile, one softmax pass
+                _temporal_packed(q_base, k_base, v_base, o_base, stride_ql, stride_qd, stride_kl, stride_kd,
+                                 stride_vl, stride_vd, stride_ol, pid, T, N, qk_scale,
+                                 BLOCK_M, T_PAD, HEAD_DIM, DOT_FP32, PRECISION)
+            else:  # long groups: position-major query tiles, rows strided by N, keys streamed
+                tiles = tl.cdiv(T, BLOCK_M)
+                position = pid // tiles
+                i = (pid % tiles) * BLOCK_M + offs_m
+                _attend_tile(q_base, k_base, v_base, o_base, stride_ql, stride_qd, stride_kl, stride_kd,
+                             stride_vl, stride_vd, stride_ol, 1 + i * N + position, i < T,
+                             1 + position, N, T, qk_scale,
+                             False, BLOCK_M, BLOCK_N, HEAD_DIM, DOT_FP32, PRECISION)
             if pid == 0:  # the cls token takes no part: its row is zero
                 offs_d = tl.arange(0, HEAD_DIM)
                 tl.store(o_base + offs_d, tl.zeros([HEAD_DIM], tl.float32).to(O.dtype.element_ty))
@@ -210,8 +267,8 @@ if HAS_TRITON:
         # but the tensors and strides) in kwargs.
         args = {**named_args, **kwargs}
         name = {0: "joint", 1: "spatial", 2: "temporal"}[args["MODE"]]
-        query_len, key_len = _group_lengths(name, args["L"], args["T"], args["N"])
-        allowed = candidates(name, query_len, key_len, _capability(args.get("Q")))
+        q = args.get("Q")
+        allowed = candidates(name, args["L"], args["T"], args["N"], _capability(q), _dtype_name(q))
         kept = [c for c in configs if _launch_config(c) in allowed]
         kept = kept or configs[-1:]
         # The interpreter runs programs one by one in Python: it takes the preferred candidate (the
@@ -219,9 +276,9 @@ if HAS_TRITON:
         # benchmarking, and everything else (key, pruning, grid(meta)) runs as on a GPU.
         return kept[:1] if interpreting() else kept
 
-    def _autotuned(mode: str):
+    def _autotuned(mode: str, dtype_name: str = "fp16"):
         configs = [triton.Config({"BLOCK_M": c.block_m, "BLOCK_N": c.block_n}, num_warps=c.num_warps,
-                                 num_stages=c.num_stages) for c in CANDIDATES[mode]]
+                                 num_stages=c.num_stages) for c in candidate_table(dtype_name)[mode]]
         return triton.autotune(configs=configs, key=["L", "T", "N", "MODE", "HEAD_DIM"],
                                prune_configs_by={"early_config_prune": _prune})(_st_attention_kernel)
 
@@ -232,6 +289,18 @@ def _launch_config(config) -> LaunchConfig:
     return LaunchConfig(config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages)
 
 
+def _dtype_name(t) -> str:
+    """Which candidate table a tensor's dtype uses ("fp32" has its own: smaller tiles)."""
+    return "fp32" if isinstance(t, torch.Tensor) and t.dtype == torch.float32 else "fp16"
+
+
+def _tuned(mode: str, dtype_name: str):
+    key = (mode, dtype_name)
+    if key not in _TUNED:
+        _TUNED[key] = _autotuned(mode, dtype_name)
+    return _TUNED[key]
+
+
 def _capability(t) -> tuple[int, int] | None:
     """The compute capability of the GPU holding tensor t; None under the interpreter (no GPU)."""
     if t is None or not isinstance(t, torch.Tensor) or t.device.type != "cuda":
@@ -239,13 +308,9 @@ def _capability(t) -> tuple[int, int] | None:
     return torch.cuda.get_device_capability(t.device)
 
 
-def _group_lengths(mode: str, length: int, frames: int, patches: int) -> tuple[int, int]:
-    """(query rows, key rows) of one group of a mode."""
-    if mode == "joint":
-        return length, length
-    if mode == "spatial":
-        return patches, patches + 1
-    return frames, frames
+def frames_padded(frames: int) -> int:
+    """T rounded up to a power of two: the rows one grid position takes in a packed temporal tile."""
+    return triton.next_power_of_2(frames)
 
 
 def programs_per_head(mode: str, length: int, frames: int, patches: int, block_m: int) -> int:
@@ -254,6 +319,8 @@ def programs_per_head(mode: str, length: int, frames: int, patches: int, block_m
         return triton.cdiv(length, block_m)
     if mode == "spatial":
         return 1 + frames * triton.cdiv(patches, block_m)
+    if block_m >= frames_padded(frames):  # packed: block_m // T_PAD positions per program
+        return triton.cdiv(patches, block_m // frames_padded(frames))
     return patches * triton.cdiv(frames, block_m)
 
 
@@ -278,7 +345,7 @@ def kernel_arguments(shape, mode: str, dtype: torch.dtype, scale: float, *, inte
     autotuned BLOCK_M / BLOCK_N). Shared by the launcher and the ahead-of-time compiles (kernels/aot.py)."""
     return dict(
         H=shape.heads, L=shape.length, T=shape.num_frames, N=shape.num_patches, qk_scale=scale * LOG2_E,
-        MODE=MODE_IDS[mode], HEAD_DIM=shape.head_dim, CLS_BLOCK=CLS_BLOCK_M,
+        MODE=MODE_IDS[mode], HEAD_DIM=shape.head_dim, CLS_BLOCK=CLS_BLOCK_M, T_PAD=frames_padded(shape.num_frames),
         DOT_FP32=interpreted and dtype == torch.bfloat16,
         # IEEE float32 products for float32 inputs: TF32 would cost ~1e-3 of relative error
         PRECISION="ieee" if dtype == torch.float32 else "tf32",
@@ -292,9 +359,7 @@ def tensor_arguments(q, k, v, out) -> list:
 
 def _launch(q, k, v, out, shape, mode: str, scale: float) -> None:
     args = kernel_arguments(shape, mode, q.dtype, scale, interpreted=q.device.type == "cpu")
-    kernel = _TUNED.get(mode)
-    if kernel is None:
-        kernel = _TUNED[mode] = _autotuned(mode)
+    kernel = _tuned(mode, _dtype_name(q))
     # B * H rides on grid axis 1 (limit 65535): very large batches go in chunks of whole clips.
     for b0, b1 in batch_chunks(shape.batch, shape.heads):
         bh = (b1 - b0) * shape.heads
@@ -307,7 +372,7 @@ def _launch(q, k, v, out, shape, mode: str, scale: float) -> None:
 
 def st_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, num_frames: int, mode: str,
                  scale: float | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Fused spatio-temporal attention (see the module docstring and ../shared/DESIGN.md).
+    """Fused spatio-temporal attention (see the module docstring and docs/design.md).
 
     q, k, v: [B, L, H, Dh], any strides, same dtype (float16, bfloat16, float32) and device;
     L = 1 + num_frames * N; Dh in (16, 32, 64, 128). mode: "joint", "spatial" or "temporal".

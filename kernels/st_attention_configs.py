@@ -1,12 +1,15 @@
-"""Tuning data of st_attention: candidate launch configurations per mode, and why.
+"""Tuning data of st_attention: candidate launch configurations per mode and dtype, and why.
 
-Kept as data so a tuning session edits a table, not the kernel. On a GPU the autotuner times the
-candidates that fit the group (pruned below) once per key (mode, head dim, L, T, N, dtype); the batch
-size is not in the key, so a new batch size neither recompiles nor re-tunes. Under the Triton
-interpreter (CPU tests) the first fitting candidate is used as is.
+Kept as data so that a tuning session edits a table, not the kernel. On a GPU the autotuner times the
+candidates that fit the group (and the target: EXCLUDED) once per key (mode, head dim, L, T, N, dtype);
+the batch size is not in the key, so a new batch size neither recompiles nor re-tunes. Under the Triton
+interpreter (CPU tests) the first fitting candidate is used without timing: each list starts with the
+plan the kernel's docstring argues for.
 
-STATUS: chosen from the shapes and the usual FlashAttention-2 practice on Hopper; not yet timed on a
-GPU (no GPU was lent to the issue that wrote them). benchmarks/bench_st_attention.py times them.
+Every candidate below was compiled ahead of time for sm_80 / sm_86 / sm_87 / sm_89 / sm_90 at the
+paper's shape (`stt-fast kernels aot`, committed under benchmarks/results/kernels-aot/): none spills,
+none needs more shared memory than its target gives a block, and the 64-row-and-larger tiles of 4+
+warps reach wgmma on sm_90. STATUS: not yet timed on a GPU; the autotuner chooses among them there.
 """
 
 from __future__ import annotations
@@ -23,8 +26,10 @@ class LaunchConfig(NamedTuple):
 
 CANDIDATES: dict[str, list[LaunchConfig]] = {
     # One long sequence per (batch, head), L = 785 at the paper's shape: the FlashAttention-2 regime.
-    # 128 x 64 tiles with 4-8 warps and a 2-3 stage pipeline are what such kernels use at head dim 64
-    # on sm_90; 64 x 64 keeps more programs in flight at small batch (B*H*13 programs instead of 7).
+    # 128 x 64 tiles with 8 warps and a 3-stage pipeline are what such kernels use at head dim 64 on
+    # sm_90 (wgmma); 64 x 64 keeps more programs in flight at small batch (B*H*13 programs instead of 7).
+    # 128 x 64 with 4 warps and 128 x 128 with 8 warps sit at 255 registers on sm_80-89 (no spills): kept
+    # for sm_90, where they use 232 and 177, and left to the autotuner elsewhere.
     "joint": [
         LaunchConfig(128, 64, 8, 3),
         LaunchConfig(128, 64, 4, 3),
@@ -35,23 +40,42 @@ CANDIDATES: dict[str, list[LaunchConfig]] = {
         LaunchConfig(16, 16, 1, 1),
     ],
     # Groups of 1 + N = 50 tokens (cls + one frame): one 64-row query tile and one 64-key step cover a
-    # whole group, so the online softmax runs a single iteration; 4 warps per 64 x 64 tile.
+    # whole group, so the online softmax runs once. 32 x 64 halves the tile with the whole group still in
+    # one key step. The ahead-of-time matrix moved two first choices: 64 x 64 with 4 warps and 2 stages,
+    # and with 8 warps and 1 stage, each spilled 8 B on sm_80 (8 warps and 2 stages do not); 16 x 16
+    # runs 2 warps because 1 warp spilled 56 B on sm_90.
     "spatial": [
         LaunchConfig(64, 64, 4, 1),
-        LaunchConfig(64, 64, 4, 2),
+        LaunchConfig(64, 64, 8, 2),
+        LaunchConfig(32, 64, 4, 1),
         LaunchConfig(64, 32, 4, 2),
         LaunchConfig(32, 32, 2, 2),
-        LaunchConfig(128, 64, 8, 2),
-        LaunchConfig(16, 16, 1, 1),
+        LaunchConfig(128, 64, 8, 1),
+        LaunchConfig(16, 16, 2, 1),
     ],
-    # Groups of T = 16 tokens (one grid position across frames): the smallest tl.dot tile, 16 x 16;
-    # tens of thousands of tiny programs, so 1-2 warps each to keep many resident per SM.
+    # Groups of T = 16 tokens (one grid position across frames). Packed tiles: a 64-row tile holds 4
+    # grid positions (block-diagonal mask), so the tensor cores see 64 x 64 tiles (wgmma on sm_90) and
+    # the grid shrinks 4x (13 programs per head instead of 49), at 4x the (tiny) attention FLOPs. The
+    # one-position 16 x 16 tiles of the first plan stay as candidates. block_n = block_m: keys are the
+    # tile's own rows.
     "temporal": [
+        LaunchConfig(64, 64, 4, 1),
+        LaunchConfig(32, 32, 2, 1),
+        LaunchConfig(128, 128, 8, 1),
         LaunchConfig(16, 16, 1, 1),
         LaunchConfig(16, 16, 2, 1),
-        LaunchConfig(32, 32, 2, 1),
-        LaunchConfig(64, 64, 4, 1),
     ],
+}
+
+# float32 (IEEE products, no TF32, so FMA units rather than tensor cores) holds twice the bytes per
+# operand: the half-precision tiles above spill in float32 (64 x 64 spatial and 128 x 64 joint by
+# kilobytes on every target, and 128 x 64 joint needs 128 KiB of shared memory on sm_86/89), and so do
+# the smaller ones at 2 warps (32 x 32 by ~500 B). Smaller tiles spread over more warps do not.
+CANDIDATES_FP32: dict[str, list[LaunchConfig]] = {
+    "joint": [LaunchConfig(64, 32, 8, 2), LaunchConfig(32, 32, 4, 2), LaunchConfig(16, 16, 2, 1)],
+    "spatial": [LaunchConfig(64, 32, 8, 1), LaunchConfig(32, 32, 8, 1), LaunchConfig(16, 16, 4, 1)],
+    "temporal": [LaunchConfig(32, 32, 4, 1), LaunchConfig(64, 64, 8, 1), LaunchConfig(16, 16, 2, 1),
+                 LaunchConfig(16, 16, 4, 1)],
 }
 
 # The spatial cls program attends one query (the cls token) per frame; 16 rows is the smallest tile
@@ -59,27 +83,41 @@ CANDIDATES: dict[str, list[LaunchConfig]] = {
 CLS_BLOCK_M = 16
 
 # Per-architecture exclusions: (major, minor) -> mode -> {config: why}. A candidate listed for a target
-# is never timed there. Filled from the ahead-of-time compile matrix (`stt-fast kernels aot`), which
-# the CI gate re-checks: no chosen candidate may spill registers or need more shared memory than the
-# target gives a block.
+# is never timed there. The ahead-of-time compile matrix is the evidence, and the CI gate re-checks
+# that no candidate left in may spill registers or need more shared memory than the target gives a
+# block. Empty today: the spills the matrix found were fixed in the tables above instead.
 EXCLUDED: dict[tuple[int, int], dict[str, dict[LaunchConfig, str]]] = {}
+
+
+def candidate_table(dtype_name: str) -> dict[str, list[LaunchConfig]]:
+    """The candidate lists for a dtype ("fp16", "bf16" or "fp32")."""
+    return CANDIDATES_FP32 if dtype_name == "fp32" else CANDIDATES
 
 
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def fitting(mode: str, query_len: int, key_len: int) -> list[LaunchConfig]:
-    """Candidates whose tiles are no larger than the group needs (smallest tile: 16)."""
-    max_m = max(16, _next_pow2(query_len))
-    max_n = max(16, _next_pow2(key_len))
-    fits = [c for c in CANDIDATES[mode] if c.block_m <= max_m and c.block_n <= max_n]
-    return fits or [min(CANDIDATES[mode], key=lambda c: (c.block_m, c.block_n))]
+def fitting(mode: str, length: int, frames: int, patches: int, dtype_name: str = "fp16") -> list[LaunchConfig]:
+    """Candidates whose tiles are no larger than the group needs (smallest tile: 16). Temporal tiles
+    of at least T (rounded up) rows pack whole grid positions, no more positions than there are."""
+    table = candidate_table(dtype_name)[mode]
+    if mode == "joint":
+        limit_m = limit_n = max(16, _next_pow2(length))
+        fits = [c for c in table if c.block_m <= limit_m and c.block_n <= limit_n]
+    elif mode == "spatial":
+        fits = [c for c in table if c.block_m <= max(16, _next_pow2(patches))
+                and c.block_n <= max(16, _next_pow2(patches + 1))]
+    else:
+        t_pad = _next_pow2(frames)
+        fits = [c for c in table if c.block_m < t_pad or c.block_m // t_pad <= _next_pow2(patches)]
+    return fits or [min(table, key=lambda c: (c.block_m, c.block_n))]
 
 
-def candidates(mode: str, query_len: int, key_len: int, capability: tuple[int, int] | None) -> list[LaunchConfig]:
+def candidates(mode: str, length: int, frames: int, patches: int, capability: tuple[int, int] | None,
+               dtype_name: str = "fp16") -> list[LaunchConfig]:
     """The candidates the autotuner times for one group shape on a GPU of this compute capability
     (None: the interpreter): those that fit the group, less those the target cannot run well."""
     excluded = EXCLUDED.get(capability, {}).get(mode, {}) if capability else {}
-    fits = fitting(mode, query_len, key_len)
+    fits = fitting(mode, length, frames, patches, dtype_name)
     return [c for c in fits if c not in excluded] or fits[:1]

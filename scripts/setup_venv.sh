@@ -21,4 +21,6 @@ if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
 fi
 echo "[setup] installing stt_fast (editable) with its dev extras"
 "${pip[@]}" install -q -e ".[dev]"
+echo "[setup] fetching the TensorRT bindings and pycuda sources the API check reads (into .whl/api)"
+"$venv/bin/python" scripts/fetch_api_references.py .whl/api
 "$venv/bin/python" -c "import stt_fast, torch; print(f'[setup] stt_fast {stt_fast.__version__}, torch {torch.__version__}')"

@@ -1,16 +1,124 @@
-"""The `stt-fast` command line. Each subcommand's work lives in its own module; this file only parses.
+"""stt-fast: run, check, export, benchmark and train STT, the Spatio-Temporal Transformer for dynamic
+facial expression recognition.
 
-Errors a user can fix (bad paths, bad files, bad options) print one line and exit with status 2.
+Each subcommand's work lives in its own module; here the options are parsed and checked. Errors a user
+can fix (bad paths, bad files, bad options) print one line and exit with status 2; anything else prints
+one line and exits with status 1 (STT_FAST_DEBUG=1 shows the traceback). No command prints a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from .config import DEFAULT_PRESET, PRESETS
+
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+               PermissionError, ImportError)  # BadClipError, CheckpointError, ValidationError... are ValueErrors
+
+
+# --- option types: checked at parse time, so that a bad value fails before any work ---------------------
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
+def fraction(text: str) -> float:
+    value = non_negative_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
+    return value
+
+
+def int_list(text: str) -> list[int]:
+    """'1,8,64' -> [1, 8, 64]; every value a positive integer."""
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected positive integers separated by commas, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers separated by commas, got {text!r}")
+    return values
+
+
+def name_list(text: str) -> list[str]:
+    values = [part.strip() for part in text.split(",") if part.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected names separated by commas, got {text!r}")
+    return values
+
+
+def crop_scale(text: str) -> tuple[float, float]:
+    """'MIN:MAX' with 0 < MIN <= MAX <= 1."""
+    try:
+        low, high = (float(part) for part in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected MIN:MAX, got {text!r}") from None
+    if not 0 < low <= high <= 1:
+        raise argparse.ArgumentTypeError(f"expected MIN:MAX with 0 < MIN <= MAX <= 1, got {text!r}")
+    return low, high
+
+
+def batch_range(text: str) -> str:
+    from stt_fast.export.onnx_export import BatchRange
+
+    try:
+        return str(BatchRange.parse(text))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+# --- commands ------------------------------------------------------------------------------------------
+
+def _setup_logging(quiet: bool) -> None:
+    """stt_fast's stage messages (INFO) on stderr, unless --quiet."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("[%(name)s] %(message)s"))
+    logger = logging.getLogger("stt_fast")
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+    logger.propagate = False
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -56,8 +164,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
               f"{gpu['memory_gib']} GiB, driver {env['driver']}")
     if not env["gpus"]:
         print("  gpu: none")
-    for name in ("triton", "onnx", "onnxruntime", "tensorrt"):
-        print(f"  {name}: {env[name] or 'not installed'}")
+    for name in ("triton", "onnx", "onnxruntime", "openvino", "tensorrt"):
+        print(f"  {name}: {env.get(name) or 'not installed'}")
     return 0
 
 
@@ -66,7 +174,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     graphs = export_checkpoint(args.checkpoint, args.output, fp16=args.fp16, opset=args.opset, batch=args.batch,
                                input_dtype="uint8" if args.uint8 else "float32", attention_op=args.attention_op,
-                               simplify=not args.no_simplify)
+                               simplify=not args.no_simplify, overwrite=args.force, progress=not args.quiet)
     return 0 if all(g.passed for g in graphs) else 1
 
 
@@ -76,7 +184,8 @@ def _cmd_build(args: argparse.Namespace) -> int:
     sidecar = build_from_onnx(args.onnx, args.output, checkpoint=args.checkpoint, batch=args.batch,
                               workspace_gib=args.workspace_gib, optimization_level=args.opt_level,
                               timing_cache=args.timing_cache, version_compatible=args.version_compatible,
-                              hardware_compatibility="ampere_plus" if args.hardware_compatible else "none")
+                              hardware_compatibility="ampere_plus" if args.hardware_compatible else "none",
+                              overwrite=args.force, progress=not args.quiet)
     return 0 if sidecar["accuracy"] is None or sidecar["accuracy"]["passed"] else 1
 
 
@@ -91,7 +200,7 @@ def _cmd_triton_repo(args: argparse.Namespace) -> int:
 
     path = write_triton_repository(args.model, args.output, name=args.name, max_batch_size=args.max_batch,
                                    max_queue_delay_us=args.max_queue_delay_us, instances=args.instances,
-                                   overwrite=args.overwrite)
+                                   overwrite=args.force)
     print(f"[triton-repo] wrote {path}")
     return 0
 
@@ -113,16 +222,32 @@ def _datasets(args, config, *, train_split: bool):
     eval_set = ClipDataset(eval_items, train=False, skip_bad=train_split, **common)
     if not train_split:
         return eval_set
-    crop = tuple(float(x) for x in args.crop_scale.split(":"))
-    return ClipDataset(train_items, train=True, skip_bad=True, crop_scale=crop, **common), eval_set
+    return ClipDataset(train_items, train=True, skip_bad=True, crop_scale=tuple(args.crop_scale), **common), eval_set
+
+
+# Options of `train` that are part of what the run learns: recorded in run.json, restored by --resume.
+TRAIN_OPTIONS = {"epochs": "epochs", "batch_size": "batch_size", "lr": "lr", "momentum": "momentum",
+                 "weight_decay": "weight_decay", "lr_step": "lr_step", "lr_gamma": "lr_gamma",
+                 "lambda_compact": "lambda_compact", "optimizer": "optimizer", "clip_grad": "clip_grad_norm",
+                 "metric": "metric", "workers": "workers", "seed": "seed"}
+TRAIN_SETUP = ("config", "init", "backbone_weights", "layout", "fold", "train_split", "eval_split", "crop_scale")
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from stt_fast.checkpoint import load_checkpoint, load_torchvision_resnet18
     from stt_fast.config import get_config
     from stt_fast.model import STT
-    from stt_fast.training import TrainOptions, train
+    from stt_fast.training import TrainOptions, read_run, train
 
+    if args.resume:  # the run's own options, except those given again on this command line
+        saved = read_run(args.output)
+        for dest, field in TRAIN_OPTIONS.items():
+            if dest not in args.given and field in saved["options"]:
+                setattr(args, dest, saved["options"][field])
+        args.no_amp = not saved["options"].get("amp", True) if "no_amp" not in args.given else args.no_amp
+        for dest in TRAIN_SETUP:
+            if dest not in args.given and dest in saved.get("setup", {}):
+                setattr(args, dest, saved["setup"][dest])
     if args.init:
         model = load_checkpoint(args.init).train()
     else:
@@ -130,29 +255,32 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.backbone_weights:
         load_torchvision_resnet18(model, args.backbone_weights)
     train_set, eval_set = _datasets(args, model.config, train_split=True)
-    options = TrainOptions(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
-                           weight_decay=args.weight_decay, lr_step=args.lr_step, lr_gamma=args.lr_gamma,
-                           lambda_compact=args.lambda_compact, optimizer=args.optimizer,
-                           clip_grad_norm=args.clip_grad, metric=args.metric, workers=args.workers,
-                           amp=not args.no_amp, seed=args.seed)
+    options = TrainOptions(amp=not args.no_amp, **{field: getattr(args, dest) for dest, field in TRAIN_OPTIONS.items()})
+    setup = {dest: getattr(args, dest) for dest in TRAIN_SETUP}
     print(f"[train] {len(train_set)} training clips, {len(eval_set)} evaluation clips, config "
           f"{model.config.to_json()}")
-    history = train(model, train_set, eval_set, options, args.output, device=args.device, resume=args.resume)
-    best = max(history, key=lambda r: r[args.metric])
+    history = train(model, train_set, eval_set, options, args.output, device=args.device, resume=args.resume,
+                    setup=setup, progress=not args.quiet)
+    best = max(history, key=lambda r: r[options.metric])
     print(f"[train] best epoch {best['epoch']}: WAR {best['war']:.4f}, UAR {best['uar']:.4f}; "
           f"checkpoint {args.output}/best.safetensors")
     return 0
 
 
+def _load_predictor(args):
+    from stt_fast.predictors import load_predictor
+
+    return load_predictor(args.backend, checkpoint=args.checkpoint, onnx=args.onnx, engine=args.engine,
+                          device=args.device)
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from stt_fast.metrics import plot_confusion_matrix
-    from stt_fast.predictors import load_predictor
     from stt_fast.training import evaluate
 
-    predictor = load_predictor(args.backend, checkpoint=args.checkpoint, onnx=args.onnx, engine=args.engine,
-                               device=args.device)
+    predictor = _load_predictor(args)
     dataset = _datasets(args, predictor.config, train_split=False)
-    result = evaluate(predictor, dataset, batch_size=args.batch_size, workers=args.workers)
+    result = evaluate(predictor, dataset, batch_size=args.batch_size, workers=args.workers, progress=not args.quiet)
     result["backend"] = predictor.name
     if args.confusion_png:
         plot_confusion_matrix(result["confusion_matrix"], args.confusion_png, title=predictor.name)
@@ -167,21 +295,26 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     from stt_fast.predict import predict_paths
-    from stt_fast.predictors import load_predictor
 
-    predictor = load_predictor(args.backend, checkpoint=args.checkpoint, onnx=args.onnx, engine=args.engine,
-                               device=args.device)
+    predictor = _load_predictor(args)
     results = predict_paths(args.paths, predictor, detect_face=args.detect_face, batch_size=args.batch_size)
     for r in results:
+        for warning in r.get("warnings", []):
+            print(f"stt-fast predict: warning: {r['path']}: {warning}", file=sys.stderr)
+        if "error" in r:
+            print(f"stt-fast predict: error: {r['error']}", file=sys.stderr)
         if args.json:
-            entry = {"label": r["label"], "probabilities": r["probabilities"]}
-            if len(results) > 1:
-                entry = {"path": r["path"], **entry}
-            print(json.dumps(entry))
-        else:
+            entry = {"path": r["path"]}
+            entry |= {"error": r["error"]} if "error" in r else {
+                "label": r["label"], "probabilities": r["probabilities"], "warnings": r["warnings"]}
+            print(json.dumps(entry), flush=True)
+        elif "error" not in r:
             top = sorted(r["probabilities"].items(), key=lambda kv: -kv[1])
-            print(f"{r['path']}: {r['label']} ({', '.join(f'{k} {v:.3f}' for k, v in top)})")
-    return 0
+            print(f"{r['path']}: {r['label']} ({', '.join(f'{k} {v:.3f}' for k, v in top)})", flush=True)
+    failed = sum("error" in r for r in results)
+    if failed:
+        print(f"stt-fast predict: {failed} of {len(results)} path(s) could not be read", file=sys.stderr)
+    return 2 if failed else 0
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
@@ -189,7 +322,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
     config = SynthConfig(clips_per_class=args.clips_per_class, image_size=args.size, min_frames=args.min_frames,
                          max_frames=args.max_frames, video_fraction=args.video_fraction, seed=args.seed)
-    root = write_synthetic_dfew(args.output, config)
+    root = write_synthetic_dfew(args.output, config, progress=not args.quiet, overwrite=args.force)
     print(f"[synth] wrote {7 * args.clips_per_class} clips in the DFEW layout under {root}")
     return 0
 
@@ -197,9 +330,12 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     if getattr(args, "bench_action", None) == "report":
         return _cmd_bench_report(args)
-    from stt_fast.benchmarks.harness import DEFAULT_RESULTS, run_suite
+    from stt_fast.benchmarks.backends import resolve
+    from stt_fast.benchmarks.harness import failures, run_suite
     from stt_fast.benchmarks.report import markdown
     from stt_fast.checkpoint import load_checkpoint
+
+    resolve(args.backends)  # an unknown name fails now, not after minutes of building
 
     labelled, checkpoint, name = None, args.checkpoint, None
     if args.labelled:
@@ -209,7 +345,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             if checkpoint is None and args.config not in ("tiny", "tiny-joint"):
                 raise ValueError("--labelled synthetic trains a tiny model: use --config tiny (or tiny-joint), "
                                  "or pass --checkpoint")
-            data, trained = synthetic_checkpoint(args.config)
+            data, trained = synthetic_checkpoint(args.config, progress=not args.quiet)
             if checkpoint is None:
                 checkpoint, name = str(trained), f"{args.config}-trained-on-synthetic"
         else:
@@ -217,23 +353,23 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         if checkpoint is None:
             raise ValueError("accuracy on a labelled set needs --checkpoint (a model trained for it)")
         labelled = labelled_test_set(data, load_checkpoint(checkpoint).config, args.fold)
-    batch_sizes = [int(b) for b in args.batch_sizes.split(",")] if args.batch_sizes else None
-    backends = args.backends.split(",") if args.backends else None
-    output = None if args.no_save else (args.output or DEFAULT_RESULTS)
-    result, path = run_suite(args.config, batch_sizes=batch_sizes, backends=backends, device=args.device,
+    output = None if args.no_save else args.output
+    result, path = run_suite(args.config, batch_sizes=args.batch_sizes, backends=args.backends, device=args.device,
                              checkpoint=checkpoint, labelled=labelled, output_dir=output,
-                             min_seconds=args.min_seconds, name=name)
+                             min_seconds=args.min_seconds, name=name, progress=not args.quiet)
     print(markdown([result]))
     if path:
         print(f"[bench] result written to {path}")
-    return 0
+    problems = failures(result)
+    for problem in problems:
+        print(f"stt-fast bench: error: {problem}", file=sys.stderr)
+    return 1 if problems else 0
 
 
 def _cmd_bench_report(args: argparse.Namespace) -> int:
-    from stt_fast.benchmarks.harness import DEFAULT_RESULTS
     from stt_fast.benchmarks.report import compare, load_results, write_report
 
-    root = args.results or DEFAULT_RESULTS
+    root = args.results
     if args.baseline:
         current = load_results(args.current or root)
         if not current:
@@ -255,157 +391,286 @@ def _cmd_bench_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_kernels(args: argparse.Namespace) -> int:
+    import datetime
+
+    import triton
+
+    from stt_fast.config import get_config
+    from stt_fast.files import write_text_atomic
+    from stt_fast.kernels import aot
+
+    config = get_config(args.config)
+    from stt_fast.bounds import bounds_markdown
+
+    facts = aot.run(config, args.targets, args.dtypes, workers=args.workers, progress=not args.quiet)
+    text = (f"# Kernels across GPU types ({args.config} config, Triton {triton.__version__})\n\n"
+            f"## Ahead-of-time compile facts\n\n"
+            f"{aot.markdown(facts, triton_version=triton.__version__, config_name=args.config)}\n\n"
+            f"## Physical bounds per GPU type\n\n{bounds_markdown(config)}")
+    gate = aot.check(facts)
+    if args.output:
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        base = Path(args.output) / "kernels-aot" / f"{stamp}-triton{triton.__version__}-{args.config}"
+        write_text_atomic(f"{base}.json", json.dumps({
+            "schema": 1, "created": stamp, "triton": triton.__version__, "config_name": args.config,
+            "config": config.to_dict(), "targets": list(args.targets), "dtypes": list(args.dtypes),
+            "gate_problems": gate, "compiles": [f.to_dict() for f in facts]}, indent=1))
+        write_text_atomic(f"{base}.md", text + "\n")
+        print(f"[kernels aot] wrote {base}.json and .md")
+    print(text)
+    return 1 if gate and args.check else 0
+
+
+# --- the parser ----------------------------------------------------------------------------------------
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown beside each option's help; descriptions keep their line breaks."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        """One line on stderr and status 2, instead of argparse's usage block."""
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def _add_quiet(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or stage messages on stderr")
+
+
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("data", help="data set root (DFEW layout, or AFEW-style class folders with --layout folders)")
-    p.add_argument("--layout", default="dfew", choices=["dfew", "folders"])
-    p.add_argument("--fold", type=int, default=1, help="DFEW fold 1-5")
+    p.add_argument("--layout", default="dfew", choices=["dfew", "folders"], help="how the data set is laid out")
+    p.add_argument("--fold", type=int, default=1, choices=[1, 2, 3, 4, 5], help="DFEW fold")
     p.add_argument("--train-split", default="Train", help="folders layout: the training subfolder")
     p.add_argument("--eval-split", default="Val", help="folders layout: the evaluation subfolder")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--workers", type=int, default=None, help="data loader processes (default: up to 4)")
-    p.add_argument("--device", default=None)
+    p.add_argument("--batch-size", type=positive_int, default=32, help="clips per batch")
+    p.add_argument("--workers", type=non_negative_int, default=None,
+                   help="data loader processes (default: up to 4)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
 
 
 def _add_backend_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backend", default="reference", choices=["reference", "compiled", "onnx", "tensorrt"])
+    p.add_argument("--backend", default="reference", choices=["reference", "compiled", "onnx", "tensorrt"],
+                   help="reference (the PyTorch model), compiled (stt_fast.compile), onnx (ONNX Runtime on an "
+                        "exported graph) or tensorrt (an engine)")
     p.add_argument("--checkpoint", help="an stt_fast checkpoint (reference and compiled backends)")
     p.add_argument("--onnx", help="an exported ONNX file (onnx backend)")
     p.add_argument("--engine", help="a TensorRT engine with its sidecar (tensorrt backend)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="stt-fast", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    from stt_fast import __version__
+
+    parser = _Parser(prog="stt-fast", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"stt-fast {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     p = sub.add_parser("info", help="config, parameters, FLOPs per clip and the environment")
-    p.add_argument("--config", default=DEFAULT_PRESET, choices=sorted(PRESETS))
+    p.add_argument("--config", default=DEFAULT_PRESET, choices=sorted(PRESETS), help="model preset")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_cmd_info)
 
     p = sub.add_parser("export", help="checkpoint -> ONNX (simplified; --fp16 adds the FP16 graph), with parity")
-    p.add_argument("checkpoint")
+    p.add_argument("checkpoint", help="an stt_fast checkpoint (.safetensors)")
     p.add_argument("-o", "--output", required=True, help="the float32 graph, e.g. model.onnx")
     p.add_argument("--fp16", action="store_true", help="also write MODEL.fp16.onnx for FP16 TensorRT engines")
-    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 18; 23 with --attention-op)")
-    p.add_argument("--batch", default="1:8:64", help="MIN:OPT:MAX batch profile recorded for the build")
+    p.add_argument("--opset", type=positive_int, default=None,
+                   help="ONNX opset (default 18; 23 with --attention-op)")
+    p.add_argument("--batch", type=batch_range, default="1:8:64", help="MIN:OPT:MAX batch profile recorded for "
+                                                                     "the engine build")
     p.add_argument("--uint8", action="store_true", help="take uint8 clips (0-255) instead of float32")
     p.add_argument("--attention-op", action="store_true", help="ONNX Attention op (TensorRT >= 10.14)")
-    p.add_argument("--no-simplify", action="store_true")
+    p.add_argument("--no-simplify", action="store_true", help="keep the graph as exported")
+    p.add_argument("--force", action="store_true", help="replace existing output files")
+    _add_quiet(p)
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("build", help="ONNX -> TensorRT engine (+ JSON sidecar)")
-    p.add_argument("onnx")
+    p.add_argument("onnx", help="a graph written by 'stt-fast export' (usually MODEL.fp16.onnx)")
     p.add_argument("-o", "--output", required=True, help="engine file, e.g. model.engine")
     p.add_argument("--checkpoint", help="measure the engine against this checkpoint after the build")
-    p.add_argument("--batch", default=None, help="MIN:OPT:MAX (default: the range recorded at export)")
-    p.add_argument("--workspace-gib", type=float, default=4.0)
-    p.add_argument("--opt-level", type=int, default=3, help="builder optimization level 0-5")
+    p.add_argument("--batch", type=batch_range, default=None,
+                   help="MIN:OPT:MAX (default: the range recorded at export)")
+    p.add_argument("--workspace-gib", type=positive_float, default=4.0, help="builder workspace limit")
+    p.add_argument("--opt-level", type=int, default=3, choices=range(6), metavar="0-5",
+                   help="builder optimization level")
     p.add_argument("--timing-cache", default=None, help="timing cache file, loaded and saved")
-    p.add_argument("--version-compatible", action="store_true")
+    p.add_argument("--version-compatible", action="store_true", help="runs on later TensorRT versions")
     p.add_argument("--hardware-compatible", action="store_true", help="runs on any Ampere or newer GPU")
+    p.add_argument("--force", action="store_true", help="replace an existing engine")
+    _add_quiet(p)
     p.set_defaults(func=_cmd_build)
 
     p = sub.add_parser("check", help="an engine against the reference model of a checkpoint")
-    p.add_argument("engine")
-    p.add_argument("checkpoint")
+    p.add_argument("engine", help="a TensorRT engine with its sidecar")
+    p.add_argument("checkpoint", help="the checkpoint the engine was built from")
     p.set_defaults(func=_cmd_check)
 
     p = sub.add_parser("triton-repo", help="write a Triton Inference Server model repository")
     p.add_argument("model", help="a TensorRT engine (with its sidecar) or an ONNX file")
     p.add_argument("-o", "--output", required=True, help="repository folder")
-    p.add_argument("--name", default="stt")
-    p.add_argument("--max-batch", type=int, default=None)
-    p.add_argument("--max-queue-delay-us", type=int, default=2000)
-    p.add_argument("--instances", type=int, default=1)
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--name", default="stt", help="model name in the repository")
+    p.add_argument("--max-batch", type=positive_int, default=None,
+                   help="largest batch the server forms (default: the engine's profile maximum)")
+    p.add_argument("--max-queue-delay-us", type=non_negative_int, default=2000, help="dynamic batching delay")
+    p.add_argument("--instances", type=positive_int, default=1, help="model instances per GPU")
+    p.add_argument("--force", "--overwrite", dest="force", action="store_true",
+                   help="replace an existing model folder in the repository")
     p.set_defaults(func=_cmd_triton_repo)
 
-    p = sub.add_parser("bench", help="latency and accuracy of every backend ('bench report' for tables/plots)")
-    p.add_argument("--config", default=DEFAULT_PRESET, choices=sorted(PRESETS))
-    p.add_argument("--batch-sizes", default=None, help="comma-separated (default 1,8 on a CPU; 1,8,64,256 on a GPU)")
-    p.add_argument("--backends", default=None, help="comma-separated (default: every backend; unavailable ones "
-                                                    "are listed with the reason)")
-    p.add_argument("--device", default=None)
+    p = sub.add_parser(
+        "bench", help="latency and accuracy of every backend beside its peers ('bench report': tables, plots)",
+        usage="stt-fast bench [options]\n       stt-fast bench report [RESULTS] [options]",
+        description="Time every backend this machine has (and the peers a user would run instead) on one "
+                    "config and write one JSON result.\n'stt-fast bench report --help' for tables, plots and "
+                    "the regression check of stored results.")
+    p.add_argument("--config", default=DEFAULT_PRESET, choices=sorted(PRESETS), help="model preset")
+    p.add_argument("--batch-sizes", type=int_list, default=None,
+                   help="comma-separated (default 1,8 on a CPU; 1,8,64,256 on a GPU)")
+    p.add_argument("--backends", type=name_list, default=None,
+                   help="comma-separated (default: every backend; unavailable ones are listed with the reason)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--checkpoint", default=None, help="benchmark this model (default: random weights)")
     p.add_argument("--labelled", default=None, help="a DFEW-layout folder, or 'synthetic' (trains a tiny model)")
-    p.add_argument("--fold", type=int, default=1)
-    p.add_argument("--min-seconds", type=float, default=1.0, help="time each case at least this long")
-    p.add_argument("--output", default=None, help="results folder (default benchmarks/results)")
-    p.add_argument("--no-save", action="store_true")
+    p.add_argument("--fold", type=int, default=1, choices=[1, 2, 3, 4, 5], help="DFEW fold of --labelled")
+    p.add_argument("--min-seconds", type=positive_float, default=1.0, help="time each case at least this long")
+    p.add_argument("--output", default="results", help="results folder; the project's committed results live in "
+                                                        "benchmarks/results (pass it explicitly to add to them)")
+    p.add_argument("--no-save", action="store_true", help="print the table only")
+    _add_quiet(p)
     p.set_defaults(func=_cmd_bench)
-    bench_sub = p.add_subparsers(dest="bench_action", metavar="report")
-    r = bench_sub.add_parser("report", help="markdown tables and plots of stored results; regression check")
-    r.add_argument("results", nargs="?", default=None, help="results folder or file (default benchmarks/results)")
+    bench_sub = p.add_subparsers(dest="bench_action", title="subcommand (optional)", metavar="report",
+                                 parser_class=_Parser)
+    r = bench_sub.add_parser("report", help="markdown tables and plots of stored results; regression check",
+                             description="Tables (stdout or --markdown) and plots of stored results, newest run "
+                                         "per machine and config; with --baseline, the regression check (exit "
+                                         "status 1 on a regression).")
+    r.add_argument("results", nargs="?", default="results", help="results folder or file")
     r.add_argument("--markdown", default=None, help="write the tables to this file (default: print)")
     r.add_argument("--plots", default=None, help="write PNG plots to this folder")
     r.add_argument("--baseline", default=None, help="a stored result to compare the newest run against")
     r.add_argument("--current", default=None, help="the run to check (default: the newest under RESULTS)")
-    r.add_argument("--threshold", type=float, default=0.10, help="allowed slowdown, as a fraction")
+    r.add_argument("--threshold", type=non_negative_float, default=0.10, help="allowed slowdown, as a fraction")
+
+    p = sub.add_parser("kernels", help="facts about the Triton kernels on GPU targets, learned without a GPU",
+                       description="stt-fast kernels aot: compile every kernel x launch candidate x dtype ahead "
+                                   "of time for each GPU target (no GPU needed) and report registers, spills, "
+                                   "shared memory and tensor-core instructions; --check fails on a problem.")
+    kernel_sub = p.add_subparsers(dest="kernels_action", required=True, metavar="aot", parser_class=_Parser)
+    k = kernel_sub.add_parser("aot", help="ahead-of-time compile matrix for GPU targets")
+    k.add_argument("--targets", type=name_list, default=["sm_75", "sm_80", "sm_86", "sm_87", "sm_89", "sm_90"],
+                   help="comma-separated: sm_75 (T4), sm_80 (A100), sm_86 (A10), sm_87 (Jetson Orin), sm_89 (L4), "
+                        "sm_90 (H100)")
+    k.add_argument("--dtypes", type=name_list, default=["fp16", "bf16", "fp32"], help="comma-separated")
+    k.add_argument("--config", default=DEFAULT_PRESET, choices=sorted(PRESETS), help="the shapes to specialise for")
+    k.add_argument("--output", default=None, help="also write JSON and markdown under OUTPUT/kernels-aot/ "
+                                                   "(the project's: benchmarks/results)")
+    k.add_argument("--workers", type=positive_int, default=None, help="compile processes (default: one per core)")
+    k.add_argument("--check", action="store_true", help="exit 1 when a candidate the launch tables can choose "
+                                                        "spills, overflows shared memory or misses its instructions")
+    _add_quiet(k)
+    p.set_defaults(func=_cmd_kernels)
 
     p = sub.add_parser("train", help="train on a DFEW-layout (or class-folder) data set")
     _add_data_args(p)
     p.add_argument("-o", "--output", required=True, help="run folder (checkpoints, log, confusion matrix)")
-    p.add_argument("--config", default=DEFAULT_PRESET, choices=sorted(PRESETS))
+    p.add_argument("--config", default=DEFAULT_PRESET, choices=sorted(PRESETS), help="model preset")
     p.add_argument("--init", help="start from this checkpoint (its config wins over --config)")
     p.add_argument("--backbone-weights", help="torchvision-format ResNet-18 weights for the backbone")
-    p.add_argument("--resume", action="store_true", help="continue the run in --output")
-    p.add_argument("--epochs", type=int, default=100)
-    p.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"])
-    p.add_argument("--lr", type=float, default=0.01)
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--weight-decay", type=float, default=1e-4)
-    p.add_argument("--lr-step", type=int, default=40, help="decay the lr every this many epochs")
-    p.add_argument("--lr-gamma", type=float, default=0.1)
-    p.add_argument("--lambda-compact", type=float, default=0.1)
-    p.add_argument("--clip-grad", type=float, default=None, help="clip the gradient norm to this")
-    p.add_argument("--crop-scale", default="0.08:1", help="MIN:MAX area of the training crop")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --output with its recorded options (only --epochs, --workers and "
+                        "--device may change)")
+    p.add_argument("--epochs", type=positive_int, default=100, help="train until this epoch")
+    p.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"], help="the paper uses SGD")
+    p.add_argument("--lr", type=positive_float, default=0.01, help="learning rate")
+    p.add_argument("--momentum", type=non_negative_float, default=0.9, help="SGD momentum")
+    p.add_argument("--weight-decay", type=non_negative_float, default=1e-4, help="weight decay")
+    p.add_argument("--lr-step", type=positive_int, default=40, help="decay the lr every this many epochs")
+    p.add_argument("--lr-gamma", type=positive_float, default=0.1, help="lr decay factor")
+    p.add_argument("--lambda-compact", type=non_negative_float, default=0.1, help="weight of the compact loss term")
+    p.add_argument("--clip-grad", type=positive_float, default=None, help="clip the gradient norm to this")
+    p.add_argument("--crop-scale", type=crop_scale, default=(0.08, 1.0), help="MIN:MAX area of the training crop")
     p.add_argument("--metric", default="war", choices=["war", "uar"], help="keeps the best checkpoint by this")
     p.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    _add_quiet(p)
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("eval", help="WAR, UAR, per-class recall of a backend on a labelled set")
     _add_data_args(p)
     _add_backend_args(p)
     p.add_argument("--confusion-png", help="write the confusion matrix as a PNG")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_quiet(p)
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("predict", help="video files or frame folders in, emotions out")
-    p.add_argument("paths", nargs="+")
+    p.add_argument("paths", nargs="+", help="video files or folders of frames")
     _add_backend_args(p)
     p.add_argument("--detect-face", action="store_true", help="detect and crop the face (OpenCV)")
-    p.add_argument("--json", action="store_true", help='one {"label": ..., "probabilities": {...}} per path')
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--device", default=None)
+    p.add_argument("--json", action="store_true",
+                   help='one JSON line per path: {"path", "label", "probabilities", "warnings"} or {"path", "error"}')
+    p.add_argument("--batch-size", type=positive_int, default=16, help="clips per batch")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    _add_quiet(p)
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("synth", help="write a synthetic DFER-like data set in the DFEW layout")
-    p.add_argument("output")
-    p.add_argument("--clips-per-class", type=int, default=60)
-    p.add_argument("--size", type=int, default=64, help="frame size in pixels")
-    p.add_argument("--min-frames", type=int, default=6)
-    p.add_argument("--max-frames", type=int, default=24)
-    p.add_argument("--video-fraction", type=float, default=0.15, help="share of clips written as .mp4")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("output", help="folder to write (must be empty or absent)")
+    p.add_argument("--clips-per-class", type=positive_int, default=60, help="clips of each of the 7 classes")
+    p.add_argument("--size", type=positive_int, default=64, help="frame size in pixels")
+    p.add_argument("--min-frames", type=positive_int, default=6, help="fewest frames in a clip")
+    p.add_argument("--max-frames", type=positive_int, default=24, help="most frames in a clip")
+    p.add_argument("--video-fraction", type=fraction, default=0.15, help="share of clips written as .mp4")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--force", action="store_true", help="replace an existing data set in OUTPUT whole")
+    _add_quiet(p)
     p.set_defaults(func=_cmd_synth)
+    parser.commands = sub.choices  # name -> subparser, for _given()
     return parser
 
 
+def _given(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set[str]:
+    """The destinations of the options written on the command line (not left at their defaults)."""
+    given = set()
+    for action in parser._actions:
+        for option in action.option_strings:
+            if any(token == option or token.startswith(option + "=") for token in argv):
+                given.add(action.dest)
+    return given
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
+    command = args.command if getattr(args, "bench_action", None) is None else f"{args.command} {args.bench_action}"
+    args.given = _given(parser.commands[args.command], argv)
+    _setup_logging(getattr(args, "quiet", False))
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:  # BadClipError is a ValueError
-        print(f"stt-fast {args.command}: error: {e}", file=sys.stderr)
+    except USER_ERRORS as e:
+        if os.environ.get("STT_FAST_DEBUG"):
+            raise
+        print(f"stt-fast {command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"stt-fast {args.command}: interrupted", file=sys.stderr)
+        print(f"stt-fast {command}: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # output piped into a command that stopped reading (| head)
         sys.stderr.close()
         return 0
+    except Exception as e:  # anything else: one line, and the way to see more
+        if os.environ.get("STT_FAST_DEBUG"):
+            raise
+        print(f"stt-fast {command}: error: {type(e).__name__}: {e} (STT_FAST_DEBUG=1 shows the traceback)",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

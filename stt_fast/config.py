@@ -1,6 +1,6 @@
 """STTConfig: every hyper-parameter of the model, and the named presets.
 
-The defaults are the paper's configuration (../shared/STT.md): 16 frames of 112 x 112, a ResNet-18
+The defaults are the paper's configuration (docs/model.md): 16 frames of 112 x 112, a ResNet-18
 trunk (conv1..layer3), D = 512, depth 4, 8 heads of 64, MLP ratio 4, divided attention.
 """
 

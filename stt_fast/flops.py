@@ -6,6 +6,7 @@ normalisations, softmax and element-wise work are not counted (the usual convent
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +32,7 @@ def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+@functools.lru_cache(maxsize=16)
 def model_cost(config: STTConfig) -> ModelCost:
     """Parameters and FLOPs per clip of STT(config), without allocating any weights."""
     with torch.device("meta"):
@@ -46,6 +48,7 @@ def model_cost(config: STTConfig) -> ModelCost:
     return ModelCost(count_parameters(model), int(total), int(backbone), int(total - backbone))
 
 
+@functools.lru_cache(maxsize=16)
 def program_flops(config: STTConfig) -> int:
     """FLOPs per clip of the compiled inference program (stt_fast.compiler.program), which prunes the
     last block to the cls token and folds layers: what stt_fast.compile actually executes. Counted

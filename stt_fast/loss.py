@@ -1,6 +1,6 @@
 """Compact softmax cross entropy: cross entropy plus a term that tightens each class.
 
-The paper's exact formula is not public; this is the project's formulation (../shared/STT.md):
+The paper's exact formula is not public; this is the project's formulation (docs/model.md):
 
     q_i     = softmax of sample i's logits with its target class removed   (K - 1 classes)
     compact = mean over ordered pairs (i, j), i != j, y_i == y_j, of 0.5 * (KL(q_i || q_j) + KL(q_j || q_i))

@@ -1,6 +1,6 @@
 """STT, the reference model: the numerical ground truth of every fast backend.
 
-Data flow (../shared/DESIGN.md):
+Data flow (docs/design.md):
 
     clips [B, T, 3, H, W] (float in [0, 1], or uint8)
     -> ResNet-18 trunk per frame              [B*T, 256, 7, 7]

@@ -1,8 +1,11 @@
 """Video (or folder of frames) in, emotion out: `stt-fast predict`.
 
 Each path is decoded, 2 x (T/2) frames are sampled at the segment centres, the face is optionally
-detected and cropped (OpenCV's bundled cascade), the frames are resized to the model's input, and all
-paths go through the chosen backend as one batch (in chunks of batch_size).
+detected and cropped (OpenCV's bundled cascade), the frames are resized to the model's input, and the
+readable clips go through the chosen backend in batches of batch_size. A path that cannot be read (or
+holds no face, with detect_face) gets an error entry and the others go on. A clip far smaller than the
+model's input (fewer than half its frames, or frames under half its size) is still predicted, with a
+warning: its frames were repeated or upsampled, and the prediction is worth less.
 """
 
 from __future__ import annotations
@@ -15,28 +18,67 @@ import torch
 from .config import EMOTIONS
 from .data.datasets import load_clip
 from .data.face import Detector, crop_to_face
+from .data.video import BadClipError
 from .predictors import Predictor
 
 
+def clip_warnings(source: dict, num_frames: int, image_size: int) -> list[str]:
+    """Warnings for a clip far below the model's input: {"frames": n, "size": (h, w)} from load_clip."""
+    found = []
+    if source["frames"] < num_frames / 2:
+        found.append(f"the clip has {source['frames']} frame(s); the model takes {num_frames}, so frames were "
+                     "repeated")
+    height, width = source["size"]
+    if min(height, width) < image_size / 2:
+        found.append(f"frames (or the face crop) are {height}x{width}, far below the model's "
+                     f"{image_size}x{image_size}: they were upsampled")
+    return found
+
+
 def load_for_prediction(path: str | os.PathLike, num_frames: int, image_size: int, *, detect_face: bool = False,
-                        detector: Detector | None = None) -> torch.Tensor:
-    """float32 [T, 3, S, S] clip ready for the model (test-time sampling and transform)."""
+                        detector: Detector | None = None) -> tuple[torch.Tensor, list[str]]:
+    """(float32 [T, 3, S, S] clip ready for the model, warnings about it); BadClipError if unreadable."""
     prepare = (lambda frames: crop_to_face(frames, str(path), detector)) if detect_face else None
-    return load_clip(path, num_frames=num_frames, image_size=image_size, prepare=prepare)
+    source: dict = {}
+    clip = load_clip(path, num_frames=num_frames, image_size=image_size, prepare=prepare, source=source)
+    return clip, clip_warnings(source, num_frames, image_size)
+
+
+def class_names(num_classes: int) -> list[str]:
+    return list(EMOTIONS) if num_classes == len(EMOTIONS) else [str(k) for k in range(num_classes)]
+
+
+def probabilities(logits: torch.Tensor, labels: Sequence[str]) -> list[dict]:
+    """logits [B, K] -> [{"label", "probabilities": {class: p}}] per row."""
+    rows = []
+    for row in logits.float().softmax(dim=-1):
+        rows.append({"label": labels[int(row.argmax())],
+                     "probabilities": {name: round(float(p), 6) for name, p in zip(labels, row)}})
+    return rows
 
 
 def predict_paths(paths: Sequence[str | os.PathLike], predictor: Predictor, *, detect_face: bool = False,
                   batch_size: int = 16, detector: Detector | None = None) -> list[dict]:
-    """[{"path", "label", "probabilities": {class: p}}] in the order of paths."""
+    """One entry per path, in order: {"path", "label", "probabilities": {class: p}, "warnings": [...]},
+    or {"path", "error"} for a path that could not be read."""
     config = predictor.config
-    labels = list(EMOTIONS) if config.num_classes == len(EMOTIONS) else [str(k) for k in range(config.num_classes)]
-    results = []
+    labels = class_names(config.num_classes)
+    results: list[dict] = []
     for start in range(0, len(paths), batch_size):
-        chunk = paths[start:start + batch_size]
-        clips = torch.stack([load_for_prediction(p, config.num_frames, config.image_size, detect_face=detect_face,
-                                                 detector=detector) for p in chunk])
-        probs = predictor(clips).softmax(dim=-1)
-        for path, row in zip(chunk, probs):
-            results.append({"path": str(path), "label": labels[int(row.argmax())],
-                            "probabilities": {name: round(float(p), 6) for name, p in zip(labels, row)}})
+        entries, clips = [], []
+        for path in paths[start:start + batch_size]:
+            try:
+                clip, warnings = load_for_prediction(path, config.num_frames, config.image_size,
+                                                     detect_face=detect_face, detector=detector)
+            except BadClipError as e:
+                entries.append({"path": str(path), "error": str(e)})
+                continue
+            entries.append({"path": str(path), "warnings": warnings})
+            clips.append(clip)
+        if clips:
+            readable = iter(probabilities(predictor(torch.stack(clips)), labels))
+            for entry in entries:
+                if "error" not in entry:
+                    entry.update(next(readable))
+        results.extend(entries)
     return results

@@ -1,4 +1,4 @@
-"""Training and evaluation with the recipe of ../shared/STT.md.
+"""Training and evaluation with the recipe of docs/model.md.
 
 SGD (lr 0.01, momentum 0.9, weight decay 1e-4), step decay x0.1 every 40 epochs, 100 epochs, batch
 32, compact softmax cross entropy; mixed precision on CUDA; the best checkpoint by the chosen metric
@@ -10,6 +10,8 @@ download here), AdamW with gradient clipping trains the transformer far more rel
 optimizer="adamw", lr=1e-3, clip_grad_norm=1.0.
 
 Files in the run folder:
+    run.json            every option of the run (TrainOptions and the caller's setup: config, data,
+                        crop...): --resume continues with them and refuses options that contradict them
     best.safetensors    the best model so far (metadata: epoch and metrics)
     last.safetensors    the model after the last finished epoch
     last_state.pt       optimizer, scheduler, scaler, epoch, best metric (for --resume)
@@ -19,6 +21,7 @@ Files in the run folder:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -27,19 +30,23 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from .checkpoint import load_state_strict, read_checkpoint, save_checkpoint
 from .data.datasets import ClipDataset, make_loader
-from .files import atomic_output
+from .files import atomic_output, write_text_atomic
 from .loss import CompactSoftmaxCrossEntropy
 from .metrics import plot_confusion_matrix, summarize
 from .model import STT
+from .progress import progress_bar
 
 METRICS = ("war", "uar")
 OPTIMIZERS = ("sgd", "adamw")
+RUN_FILE = "run.json"
+# What may change when a run is resumed: how long it goes on and how its data is read, not what it learns.
+CHANGEABLE_ON_RESUME = frozenset({"epochs", "workers"})
 
 
 @dataclass
@@ -60,6 +67,12 @@ class TrainOptions:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
+            raise ValueError(f"clip_grad_norm must be > 0, got {self.clip_grad_norm}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.lr_step < 1:
+            raise ValueError(f"lr_step must be >= 1, got {self.lr_step}")
         if self.metric not in METRICS:
             raise ValueError(f"metric must be one of {METRICS}, got {self.metric!r}")
         if self.optimizer not in OPTIMIZERS:
@@ -73,7 +86,7 @@ def evaluate(predict: Callable[[torch.Tensor], torch.Tensor], dataset: ClipDatas
     """WAR, UAR, per-class recall and confusion matrix of predict (clips -> logits) over dataset."""
     predictions, targets, bad = [], [], []
     loader = make_loader(dataset, batch_size=batch_size, workers=workers)
-    for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
+    for batch in progress_bar(loader, desc=desc, enabled=progress, unit="batch"):
         bad.extend(batch["bad"])
         if batch["clips"] is None:
             continue
@@ -95,12 +108,54 @@ def _autocast(device: torch.device, enabled: bool):
     return torch.autocast(device.type, enabled=False), None
 
 
+def read_run(out_dir: str | os.PathLike) -> dict[str, Any]:
+    """The run record of a run folder: {"options": TrainOptions fields, "setup": the caller's}."""
+    path = Path(out_dir) / RUN_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"nothing to resume in {out_dir}: {RUN_FILE} not found (not a run folder, or a run "
+                                "from an older stt_fast)")
+    try:
+        record = json.loads(path.read_text())
+        TrainOptions(**record["options"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path} is not a readable run record: {e}") from e
+    return record
+
+
+def _run_differences(saved: dict[str, Any], given: dict[str, Any]) -> list[str]:
+    return [f"{key}: the run used {saved.get(key)!r}, given {value!r}" for key, value in given.items()
+            if key not in CHANGEABLE_ON_RESUME and _jsonable(value) != saved.get(key)]
+
+
+def _jsonable(value):
+    return json.loads(json.dumps(value))  # tuples become lists, as they come back from run.json
+
+
 def train(model: STT, train_set: ClipDataset, eval_set: ClipDataset, options: TrainOptions,
           out_dir: str | os.PathLike, *, device: str | torch.device | None = None, resume: bool = False,
-          progress: bool = True, echo: Callable[[str], None] = print) -> list[dict]:
-    """Train model (in place) and return the per-epoch log; see the module docstring for the files."""
+          setup: dict[str, Any] | None = None, progress: bool = True,
+          echo: Callable[[str], None] = print) -> list[dict]:
+    """Train model (in place) and return the per-epoch log; see the module docstring for the files.
+
+    setup: the caller's own facts of the run (config name, data folder, crop scale...), recorded in
+    run.json beside the options. resume: continue the run in out_dir; options and setup must equal the
+    recorded ones but for CHANGEABLE_ON_RESUME (ValueError naming each difference).
+    """
     out = Path(out_dir)
+    setup = dict(setup or {})
+    if resume:
+        saved = read_run(out)
+        differences = _run_differences(saved["options"], dataclasses.asdict(options)) + \
+            _run_differences(saved.get("setup", {}), setup)
+        if differences:
+            raise ValueError(f"--resume continues the run in {out} with its own options; these contradict it: "
+                             + "; ".join(differences))
+    elif (out / "log.jsonl").exists():
+        raise ValueError(f"{out} already holds a run; pass --resume to continue it or choose another folder")
     out.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        write_text_atomic(out / RUN_FILE, json.dumps({"options": dataclasses.asdict(options), "setup": setup},
+                                                      indent=2, default=str))
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     random.seed(options.seed)
     torch.manual_seed(options.seed)
@@ -119,14 +174,12 @@ def train(model: STT, train_set: ClipDataset, eval_set: ClipDataset, options: Tr
         start_epoch, best = _resume(model, optimizer, scheduler, scaler, out)
         history = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if line.strip()]
         echo(f"[train] resumed from {out} at epoch {start_epoch} (best {options.metric} {best:.4f})")
-    elif (out / "log.jsonl").exists():
-        raise ValueError(f"{out} already holds a run; pass --resume to continue it or choose another folder")
     loader = make_loader(train_set, batch_size=options.batch_size, workers=options.workers,
                          pin_memory=device.type == "cuda")
     for epoch in range(start_epoch, options.epochs + 1):
         model.train()
         started, seen, correct, loss_sum, bad = time.perf_counter(), 0, 0, 0.0, []
-        bar = tqdm(loader, desc=f"[train] epoch {epoch}/{options.epochs}", disable=not progress, leave=False)
+        bar = progress_bar(loader, desc=f"[train] epoch {epoch}/{options.epochs}", enabled=progress, unit="batch")
         for batch in bar:
             bad.extend(batch["bad"])
             if batch["clips"] is None:

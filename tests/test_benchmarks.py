@@ -1,5 +1,6 @@
-"""Benchmark suite on the CPU (tiny config): every CPU backend runs and writes a complete result; the report
-renders tables and plots; the regression check flags a planted slowdown and passes an equal run."""
+"""Benchmark suite on the CPU (tiny config): every CPU backend, peers included, runs and writes a complete
+result; ratios and accuracy are what an independent recomputation gives; the report renders tables and
+plots; the regression gate fails on every kind of regression and passes an equal run."""
 
 import copy
 import json
@@ -8,14 +9,19 @@ import pytest
 import torch
 from stt_fast.benchmarks import bench_st_attention
 from stt_fast.benchmarks.backends import BACKENDS
-from stt_fast.benchmarks.harness import run_suite
+from stt_fast.benchmarks.harness import failures, run_suite
 from stt_fast.benchmarks.report import compare, load_results, markdown, plots
 from stt_fast.benchmarks.timing import measure, percentile
 
+import stt_fast
 from stt_fast import STT, get_config, save_checkpoint
+from stt_fast.accuracy import relative_error
 from stt_fast.cli import main
+from stt_fast.flops import model_cost, program_flops
+from tests.helpers import trained_looking
 
 CPU_BACKENDS = [name for name, b in BACKENDS.items() if b.unavailable(torch.device("cpu")) is None]
+PEERS_ON_THE_CPU = {"eager-fp32", "torch-compile", "onnxruntime-plain-fp32", "openvino-fp32"}
 
 
 @pytest.fixture(scope="module")
@@ -33,13 +39,16 @@ def test_every_cpu_backend_runs_and_writes_every_field(suite):
     for key in ("torch", "triton", "onnxruntime", "cpu", "cpu_count", "python"):
         assert key in result["machine"]
     assert result["ceilings"]["matmul_tflops"] > 0 and result["ceilings"]["copy_gbps"] > 0
-    assert result["model"]["flops_per_clip"] > 0
+    config = get_config("tiny")
+    assert result["model"]["flops_per_clip"] == model_cost(config).flops_per_clip
+    assert result["model"]["program_flops_per_clip"] == program_flops(config)
     by_name = {r["backend"]: r for r in result["results"]}
     assert set(by_name) == set(BACKENDS)
-    assert {"eager-fp32", "torch-compile", "stt_fast-fp32", "onnxruntime-fp32", "onnxruntime-fp16"} <= set(CPU_BACKENDS)
+    assert PEERS_ON_THE_CPU | {"stt_fast-fp32", "stt_fast-onnxruntime-fp32"} <= set(CPU_BACKENDS)
+    assert not failures(result)
     for name in CPU_BACKENDS:
         record = by_name[name]
-        assert "error" not in record, record.get("error")
+        assert record["role"] == ("peer" if name in PEERS_ON_THE_CPU else "ours")
         assert record["build_seconds"] >= 0 and record["size_bytes"] > 0
         assert [b["batch"] for b in record["batches"]] == [1, 2]
         for b in record["batches"]:
@@ -47,12 +56,59 @@ def test_every_cpu_backend_runs_and_writes_every_field(suite):
             assert 0 < t["min_ms"] <= t["median_ms"] <= t["p90_ms"] <= t["p99_ms"]
             assert b["clips_per_second"] > 0 and b["fraction_of_peak"] > 0 and b["peak_memory_mb"] > 0
             assert b["first_call_ms"] > 0 and b["speedup_vs_eager_fp32"] > 0
+            assert (b["vs_fastest_peer"] > 0) if record["precision"] == "fp32" else "vs_fastest_peer" not in b
             assert b["accuracy"]["top1_agreement"] == 1.0
             limit = 5e-3 if record["precision"] == "fp16" else 1e-4
             assert b["accuracy"]["relative_error"] < limit
-    assert by_name["eager-fp32"]["batches"][0]["accuracy"]["relative_error"] == 0.0
     for name in set(BACKENDS) - set(CPU_BACKENDS):
         assert by_name[name]["skipped"]
+    assert by_name["stt_fast-fp32"]["same_as"] == "stt_fast-onnxruntime-fp32", "the report must say they are one"
+
+
+def test_ratios_are_those_of_the_recorded_medians(suite):
+    result, _ = suite
+    records = {r["backend"]: r for r in result["results"]}
+    for batch_index in (0, 1):
+        medians = {name: r["batches"][batch_index]["timing"]["median_ms"] for name, r in records.items()
+                   if "batches" in r and r["precision"] == "fp32"}
+        fastest_peer = min(medians[name] for name in PEERS_ON_THE_CPU)
+        for name, ms in medians.items():
+            entry = records[name]["batches"][batch_index]
+            assert entry["vs_fastest_peer"] == pytest.approx(fastest_peer / ms)
+            assert entry["speedup_vs_eager_fp32"] == pytest.approx(medians["eager-fp32"] / ms)
+        assert max(records[name]["batches"][batch_index]["vs_fastest_peer"] for name in PEERS_ON_THE_CPU) == \
+            pytest.approx(1.0)
+
+
+def test_recorded_accuracy_matches_an_independent_recomputation(suite):
+    """The suite's inputs are reproducible (seed 0): recompute one backend's error against the reference."""
+    result, _ = suite
+    torch.manual_seed(0)
+    model = STT(get_config("tiny")).eval()  # the suite builds its model right after seeding
+    generator = torch.Generator().manual_seed(0)
+    c = model.config
+    inputs = [torch.rand(b, c.num_frames, 3, c.image_size, c.image_size, generator=generator) for b in (1, 2)]
+    compiled = stt_fast.compile(model, backend="torch", validate=False)
+    record = next(r for r in result["results"] if r["backend"] == "stt_fast-torch-fp32")
+    for x, entry in zip(inputs, record["batches"]):
+        with torch.no_grad():
+            expected = relative_error(compiled(x), model(x))
+        assert entry["accuracy"]["relative_error"] == pytest.approx(expected, rel=0.5, abs=1e-9)
+        assert entry["accuracy"]["relative_error"] > 0, "a rewritten program differs from the reference by rounding"
+
+
+def test_a_backend_that_fails_is_reported_and_the_command_exits_non_zero(monkeypatch, tmp_path, capsys):
+    from stt_fast.benchmarks import backends
+
+    def broken(model, device, workdir):
+        raise RuntimeError("injected build failure")
+
+    monkeypatch.setitem(backends.BACKENDS, "stt_fast-torch-fp32",
+                        backends.Backend("stt_fast-torch-fp32", "fp32", "ours", lambda d: None, broken))
+    code = main(["bench", "--config", "tiny", "--batch-sizes", "1", "--backends", "stt_fast-torch-fp32",
+                 "--min-seconds", "0.01", "--output", str(tmp_path), "--quiet"])
+    assert code == 1
+    assert "stt_fast-torch-fp32: build failed: RuntimeError: injected build failure" in capsys.readouterr().err
 
 
 def test_report_renders_tables_and_plots(suite, tmp_path):
@@ -67,22 +123,80 @@ def test_report_renders_tables_and_plots(suite, tmp_path):
     (tmp_path / "cpu" / "run.json").write_text(path.read_text())
     results = load_results(tmp_path)
     text = markdown(results)
-    assert text.count("### ") == 2 and "| stt_fast-fp32 | 2 |" in text and "NVIDIA H100 80GB HBM3 (sm 9.0)" in text
-    assert "TensorRT is not installed" in text
+    assert text.count("### ") == 2 and "| stt_fast-fp32 | ours | 2 |" in text
+    assert "NVIDIA H100 80GB HBM3 (sm 9.0)" in text
+    assert "TensorRT is not installed" in text and "Fastest peer per batch size" in text
+    assert "the same engine and graph as stt_fast-onnxruntime-fp32" in text
     for png in plots(results, tmp_path / "plots"):
         assert png.read_bytes()[:4] == b"\x89PNG"
     assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["accuracy.png", "latency_vs_batch.png",
                                                                       "speedup.png"]
 
 
-def test_regression_check_flags_a_planted_slowdown_and_passes_an_equal_run(suite, tmp_path, capsys):
+def test_noisy_measurements_are_flagged_in_the_table(suite):
+    result, _ = suite
+    noisy = copy.deepcopy(result)
+    entry = next(r for r in noisy["results"] if r["backend"] == "stt_fast-fp32")["batches"][0]
+    entry["noisy"] = "p90 is 3.0x the median"
+    text = markdown([noisy])
+    assert "| stt_fast-fp32 (noisy) | ours | 1 |" in text and "stt_fast-fp32 batch 1: p90 is 3.0x" in text
+
+
+def _record(result, backend):
+    return next(r for r in result["results"] if r["backend"] == backend)
+
+
+def _slower(r):
+    _record(r, "stt_fast-fp32")["batches"][1]["timing"]["median_ms"] *= 1.5
+
+
+def _top1_lower(r):
+    _record(r, "stt_fast-fp32")["batches"][1]["accuracy"]["top1_agreement"] = 0.5
+
+
+def _error_higher(r):
+    _record(r, "stt_fast-fp32")["batches"][1]["accuracy"]["relative_error"] = 0.5
+
+
+def _backend_errored(r):
+    record = _record(r, "stt_fast-fp32")
+    del record["batches"]
+    record["error"] = "build failed: boom"
+
+
+def _backend_missing(r):
+    r["results"] = [x for x in r["results"] if x["backend"] != "stt_fast-fp32"]
+
+
+def _batch_failed(r):
+    _record(r, "stt_fast-fp32")["batches"][1] = {"batch": 2, "error": "OOM"}
+
+
+REGRESSIONS = {
+    "slower": (_slower, "stt_fast-fp32 batch 2: median"),
+    "top1-lower": (_top1_lower, "stt_fast-fp32 batch 2: top-1 agreement 0.500"),
+    "error-higher": (_error_higher, "stt_fast-fp32 batch 2: relative error 5.00e-01"),
+    "backend-errored": (_backend_errored, "stt_fast-fp32: measured in the baseline, not in this run (build failed"),
+    "backend-missing": (_backend_missing, "stt_fast-fp32: measured in the baseline, missing from this run"),
+    "batch-failed": (_batch_failed, "stt_fast-fp32 batch 2: failed in this run (OOM)"),
+}
+
+
+@pytest.mark.parametrize("kind", list(REGRESSIONS))
+def test_regression_gate_catches(suite, kind):
+    result, _ = suite
+    change, expected = REGRESSIONS[kind]
+    changed = copy.deepcopy(result)
+    change(changed)
+    found = compare(changed, result, threshold=0.10)
+    assert len(found) == 1 and found[0].startswith(expected), found
+
+
+def test_regression_gate_passes_an_equal_run_and_exits_by_its_verdict(suite, tmp_path, capsys):
     result, path = suite
     assert compare(result, result) == []
     slow = copy.deepcopy(result)
-    target = next(r for r in slow["results"] if r["backend"] == "stt_fast-fp32")
-    target["batches"][1]["timing"]["median_ms"] *= 1.5
-    found = compare(slow, result, threshold=0.10)
-    assert len(found) == 1 and found[0].startswith("stt_fast-fp32 batch 2: median")
+    _slower(slow)
     slow_path = tmp_path / "slow.json"
     slow_path.write_text(json.dumps(slow))
     assert main(["bench", "report", "--current", str(slow_path), "--baseline", str(path)]) == 1
@@ -91,18 +205,35 @@ def test_regression_check_flags_a_planted_slowdown_and_passes_an_equal_run(suite
 
 
 def test_labelled_accuracy_beside_latency(tmp_path):
+    """A model whose predictions vary from clip to clip, so that equal WAR/UAR and equal confusion matrices
+    mean the backends agree clip by clip, not that both predict one class."""
     from stt_fast.data.datasets import ClipDataset, dfew_items
     from stt_fast.data.synthetic import SynthConfig, write_synthetic_dfew
 
-    root = write_synthetic_dfew(tmp_path / "data", SynthConfig(clips_per_class=2), progress=False)
-    checkpoint = save_checkpoint(STT(get_config("tiny")).eval(), tmp_path / "m.safetensors")
+    root = write_synthetic_dfew(tmp_path / "data", SynthConfig(clips_per_class=3), progress=False)
     dataset = ClipDataset(dfew_items(root, 1, "test"), num_frames=4, image_size=64, train=False)
+    model = trained_looking(get_config("tiny"))
+    # A nearest-prototype head: class k's weights are clip k's centred features, so each clip leans to its own
+    # class (an untrained head predicts one class for every clip, whatever the backend).
+    features = []
+    hook = model.norm.register_forward_hook(lambda module, args, out: features.append(out))
+    with torch.no_grad():
+        model(torch.stack([dataset[i][0] for i in range(len(dataset))]))
+        hook.remove()
+        mean = features[0].mean(dim=0)
+        weight = (features[0] - mean) / (features[0] - mean).norm(dim=1, keepdim=True)
+        model.head.weight.copy_(weight)
+        model.head.bias.copy_(-weight @ mean)  # logits of the centred features
+    checkpoint = save_checkpoint(model, tmp_path / "m.safetensors")
     result, _ = run_suite("tiny", batch_sizes=[1], backends=["stt_fast-fp32"], device="cpu",
                           checkpoint=str(checkpoint), labelled=dataset, output_dir=None, min_seconds=0.01,
                           progress=False)
     assert [r["backend"] for r in result["results"]] == ["eager-fp32", "stt_fast-fp32"], "the peer is always run"
     reference, fast = result["results"]
+    predicted_classes = sum(1 for column in zip(*reference["labelled"]["confusion_matrix"]) if sum(column))
+    assert predicted_classes >= 3, "the check needs a model that does not predict a single class"
     assert reference["labelled"]["samples"] == 7 and reference["labelled"]["war_minus_reference"] == 0
+    assert fast["labelled"]["confusion_matrix"] == reference["labelled"]["confusion_matrix"]
     assert fast["labelled"]["war"] == pytest.approx(reference["labelled"]["war"])
     assert result["checkpoint_sha256"] and result["labelled_samples"] == 7
 
@@ -125,4 +256,3 @@ def test_kernel_microbenchmark_on_the_cpu():
         for impl in ("sdpa-math", "reference"):
             row = rows[(mode, impl)]
             assert row["relative_error"] < 1e-5 and row["tflops"] > 0 and row["gbps"] > 0
-    assert bench_st_attention.attention_flops("temporal", 1, 16, 49, 8, 64) == 4 * 8 * 64 * 49 * 16 * 16

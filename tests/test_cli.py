@@ -1,8 +1,47 @@
-"""The stt-fast command line: info."""
+"""The stt-fast command line as a user meets it: help and version, one clean line and status 2 for every
+bad option (through the real entry point), resume with the run's own options, no silent overwrite, a bad
+file that does not stop the others, warnings for clips far below the model's input, results outside the
+source tree, every backend of predict and eval, and extras that cover each command's imports."""
 
 import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
+import numpy as np
+import pytest
+from PIL import Image
+
+from stt_fast import get_config, save_checkpoint
 from stt_fast.cli import main
+from stt_fast.data.synthetic import SynthConfig, write_synthetic_dfew
+from tests.helpers import trained_looking
+
+ROOT = Path(__file__).resolve().parent.parent
+ENTRY_POINT = Path(sys.executable).with_name("stt-fast")
+
+
+def stt_fast(*args, cwd=None, env=None):
+    """The real `stt-fast` console script (as installed), in a fresh process."""
+    assert ENTRY_POINT.is_file(), f"the console script is not installed beside {sys.executable}"
+    environment = {**os.environ, **(env or {})}
+    environment.pop("STT_FAST_DEBUG", None)
+    return subprocess.run([str(ENTRY_POINT), *args], capture_output=True, text=True, cwd=cwd, env=environment,
+                          timeout=300)
+
+
+@pytest.fixture(scope="module")
+def synth_root(tmp_path_factory):
+    return write_synthetic_dfew(tmp_path_factory.mktemp("synth") / "data",
+                                SynthConfig(clips_per_class=5, video_fraction=0.3, seed=1), progress=False)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return save_checkpoint(trained_looking(get_config("tiny")), tmp_path_factory.mktemp("ckpt") / "m.safetensors")
 
 
 def test_info_json(capsys):
@@ -18,3 +57,312 @@ def test_info_text(capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out
     assert "L=785" in out and "FLOPs per clip" in out and "torch" in out
+
+
+def test_help_and_version(capsys):
+    import stt_fast
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"stt-fast {stt_fast.__version__}"
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    assert "only parses" not in text and "Spatio-Temporal Transformer" in text
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    text = capsys.readouterr().out
+    assert "stt-fast bench report [RESULTS]" in text and "subcommand (optional)" in text
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = re.sub(r"\s+", " ", capsys.readouterr().out)
+    for shown in ("--epochs EPOCHS train until this epoch (default: 100)", "learning rate (default: 0.01)",
+                  "clips per batch (default: 32)"):
+        assert shown in text
+
+
+BAD_OPTIONS = {
+    "info-unknown-config": (["info", "--config", "huge"], "invalid choice"),
+    "export-missing-checkpoint": (["export", "nope.safetensors", "-o", "m.onnx"], "checkpoint not found"),
+    "export-no-output": (["export", "nope.safetensors"], "-o/--output"),
+    "export-bad-batch": (["export", "nope.safetensors", "-o", "m.onnx", "--batch", "8:1:2"], "min <= opt <= max"),
+    "build-bad-level": (["build", "m.onnx", "-o", "m.engine", "--opt-level", "9"], "invalid choice"),
+    "check-missing-args": (["check"], "required"),
+    "triton-repo-missing-model": (["triton-repo", "nope.onnx", "-o", "repo"], "nope.onnx"),
+    "bench-batch-zero": (["bench", "--batch-sizes", "0"], "positive integers"),
+    "bench-batch-not-a-number": (["bench", "--batch-sizes", "1,x"], "positive integers"),
+    "bench-unknown-backend": (["bench", "--backends", "warp-drive"], "unknown backends"),
+    "bench-report-nothing": (["bench", "report", "no-results-here"], "no benchmark results"),
+    "train-zero-epochs": (["train", "data", "-o", "run", "--epochs", "0"], "positive integer"),
+    "train-bad-crop": (["train", "data", "-o", "run", "--crop-scale", "2:1"], "MIN:MAX"),
+    "train-negative-lr": (["train", "data", "-o", "run", "--lr", "-1"], "positive number"),
+    "train-missing-data": (["train", "no-such-data", "-o", "run"], "not found"),
+    "eval-missing-checkpoint": (["eval", "no-such-data"], "needs --checkpoint"),
+    "predict-no-checkpoint": (["predict", "clip.mp4"], "needs --checkpoint"),
+    "synth-zero-clips": (["synth", "out", "--clips-per-class", "0"], "positive integer"),
+    "synth-fraction-above-1": (["synth", "out", "--video-fraction", "2"], "[0, 1]"),
+    "unknown-command": (["fly"], "invalid choice"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_OPTIONS))
+def test_bad_options_give_one_line_and_status_2(case, tmp_path):
+    args, message = BAD_OPTIONS[case]
+    result = stt_fast(*args, cwd=tmp_path)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert message in lines[0]
+    assert lines[0].startswith("stt-fast")
+
+
+def _train_args(data, run, *extra):
+    return ["train", str(data), "--config", "tiny", "-o", str(run), "--batch-size", "16", "--workers", "0",
+            "--quiet", *extra]
+
+
+def test_resume_continues_with_the_runs_own_options(synth_root, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(_train_args(synth_root, run, "--epochs", "1", "--optimizer", "adamw", "--lr", "1e-3",
+                            "--clip-grad", "1", "--crop-scale", "0.5:1")) == 0
+    recorded = json.loads((run / "run.json").read_text())
+    assert recorded["options"]["optimizer"] == "adamw" and recorded["setup"]["crop_scale"] == [0.5, 1.0]
+    capsys.readouterr()
+    # the options are not given again: they come from the run (the old code resumed with SGD and crashed)
+    assert main(["train", str(synth_root), "-o", str(run), "--resume", "--epochs", "2", "--workers", "0",
+                 "--quiet"]) == 0
+    assert "resumed" in capsys.readouterr().out
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [entry["epoch"] for entry in log] == [1, 2]
+    assert main(["train", str(synth_root), "-o", str(run), "--resume", "--epochs", "3", "--optimizer", "sgd",
+                 "--quiet"]) == 2
+    error = capsys.readouterr().err
+    assert "optimizer: the run used 'adamw', given 'sgd'" in error and error.count("\n") == 1
+    assert main(_train_args(synth_root, run, "--epochs", "1")) == 2  # a run is there: never replaced
+    assert "already holds a run" in capsys.readouterr().err
+
+
+def test_synth_refuses_a_non_empty_folder_and_force_replaces_it_whole(tmp_path, capsys):
+    out = tmp_path / "data"
+    assert main(["synth", str(out), "--clips-per-class", "3", "--quiet"]) == 0
+    before = sorted(p.name for p in (out / "Clip" / "clip_224x224").iterdir())
+    assert main(["synth", str(out), "--clips-per-class", "1", "--quiet"]) == 2
+    assert "not empty; pass --force" in capsys.readouterr().err
+    assert sorted(p.name for p in (out / "Clip" / "clip_224x224").iterdir()) == before, "refused means untouched"
+    assert main(["synth", str(out), "--clips-per-class", "1", "--video-fraction", "0", "--quiet", "--force"]) == 0
+    clips = sorted(p.name for p in (out / "Clip" / "clip_224x224").iterdir())
+    assert clips == [f"{i:05d}" for i in range(1, 8)], "no clip of the old set is left behind"
+    assert not list((out / "Clip" / "original").iterdir())
+    assert [p.name for p in tmp_path.iterdir()] == ["data"], "no partial folder is left beside it"
+    (out / "notes.txt").write_text("mine")
+    assert main(["synth", str(out), "--clips-per-class", "1", "--quiet", "--force"]) == 2
+    assert "not replacing it" in capsys.readouterr().err and (out / "notes.txt").is_file()
+
+
+def _tiny_clip_folder(path, frames=2, size=16):
+    path.mkdir()
+    for k in range(frames):
+        Image.fromarray(np.full((size, size, 3), 40 * k, dtype=np.uint8)).save(path / f"{k:03d}.png")
+    return path
+
+
+def test_predict_reports_bad_files_goes_on_and_warns_of_tiny_clips(synth_root, checkpoint, tmp_path):
+    good = next((synth_root / "Clip" / "clip_224x224").iterdir())
+    video = next((synth_root / "Clip" / "original").glob("*.mp4"))
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(b"not a video")
+    tiny = _tiny_clip_folder(tmp_path / "tiny", frames=1)  # the tiny model takes 4 frames of 64 x 64
+    result = stt_fast("predict", str(good), str(bad), str(video), str(tiny), "--checkpoint", str(checkpoint),
+                      "--json", "--batch-size", "2", "--device", "cpu")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [line["path"] for line in lines] == [str(good), str(bad), str(video), str(tiny)]
+    assert "unreadable video" in lines[1]["error"] and "label" not in lines[1]
+    for line in (lines[0], lines[2], lines[3]):
+        assert sum(line["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
+        assert line["label"] == max(line["probabilities"], key=line["probabilities"].get)
+    assert lines[0]["warnings"] == [] and lines[2]["warnings"] == []
+    assert any("1 frame(s)" in w for w in lines[3]["warnings"]) and any("16x16" in w for w in lines[3]["warnings"])
+    assert "warning: " + str(tiny) in result.stderr and "1 of 4 path(s) could not be read" in result.stderr
+    single = stt_fast("predict", str(good), "--checkpoint", str(checkpoint), "--json", "--device", "cpu")
+    assert single.returncode == 0 and json.loads(single.stdout)["path"] == str(good)
+
+
+def test_predict_with_face_detection_goes_on_past_a_clip_without_a_face(synth_root, checkpoint, monkeypatch, capsys):
+    """OpenCV's cascade finds no face in the drawn faces: a detector that finds one in the first clip only."""
+    from stt_fast.data import face
+
+    clips = sorted((synth_root / "Clip" / "clip_224x224").iterdir())[:2]
+    first_frames = {p.name for p in clips[0].iterdir()}
+    seen = []
+
+    def detector_factory():
+        def detect(rgb):
+            seen.append(len(seen))
+            return [(8, 8, 40, 40)] if len(seen) <= 4 else []  # the first clip's 4 probes find a face
+
+        return detect
+
+    monkeypatch.setattr(face, "haar_detector", detector_factory)
+    assert first_frames
+    code = main(["predict", str(clips[0]), str(clips[1]), "--checkpoint", str(checkpoint), "--detect-face",
+                 "--json", "--device", "cpu", "--quiet"])
+    out = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert code == 2 and "label" in out[0] and "no face found" in out[1]["error"]
+
+
+@pytest.mark.parametrize("backend", ["reference", "compiled", "onnx"])
+def test_eval_and_predict_with_each_backend(synth_root, checkpoint, backend, tmp_path, capsys):
+    options = ["--backend", backend, "--device", "cpu", "--quiet"]
+    if backend == "onnx":
+        onnx = tmp_path / "m.onnx"
+        assert main(["export", str(checkpoint), "-o", str(onnx), "--quiet"]) == 0
+        options += ["--onnx", str(onnx)]
+    else:
+        options += ["--checkpoint", str(checkpoint)]
+    capsys.readouterr()
+    assert main(["eval", str(synth_root), "--workers", "0", "--json", *options]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["samples"] == 7 and torch_sum(result["confusion_matrix"]) == 7
+    clip = next((synth_root / "Clip" / "clip_224x224").iterdir())
+    assert main(["predict", str(clip), "--json", *options]) == 0
+    line = json.loads(capsys.readouterr().out)
+    assert line["path"] == str(clip) and line["label"] in line["probabilities"]
+    reference = {}
+    if backend != "reference":
+        main(["predict", str(clip), "--json", "--checkpoint", str(checkpoint), "--device", "cpu", "--quiet"])
+        reference = json.loads(capsys.readouterr().out)
+        for name, p in line["probabilities"].items():
+            assert p == pytest.approx(reference["probabilities"][name], abs=1e-4)
+
+
+def torch_sum(matrix):
+    return sum(sum(row) for row in matrix)
+
+
+def test_export_refuses_to_replace_without_force(checkpoint, tmp_path, capsys):
+    onnx = tmp_path / "m.onnx"
+    onnx.write_text("a user's file")
+    assert main(["export", str(checkpoint), "-o", str(onnx), "--quiet"]) == 2
+    assert "exists; pass --force" in capsys.readouterr().err and onnx.read_text() == "a user's file"
+
+
+def test_bench_writes_outside_the_source_tree_by_default(tmp_path):
+    result = stt_fast("bench", "--config", "tiny", "--batch-sizes", "1", "--backends", "eager-fp32",
+                      "--min-seconds", "0.01", "--quiet", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    written = list((tmp_path / "results").rglob("*.json"))
+    assert len(written) == 1 and f"result written to results/{written[0].parent.name}/" in result.stdout
+    assert result.stderr == "", "--quiet: no progress bars, no stage messages"
+
+
+def test_bench_report_does_what_the_readme_says(tmp_path):
+    """README: `stt-fast bench report benchmarks/results --markdown ... --plots ...` regenerates the page."""
+    readme = (ROOT / "README.md").read_text()
+    command = re.search(r"`(stt-fast bench report benchmarks/results [^`]+)`", readme)
+    assert command, "README names the command that regenerates the results page"
+    args = command.group(1).split()[1:]
+    args = [str(tmp_path / "report.md") if a.endswith("README.md") else str(tmp_path / "plots")
+            if a.endswith("plots") else a for a in args]
+    shutil.copytree(ROOT / "benchmarks" / "results", tmp_path / "benchmarks" / "results")
+    result = stt_fast(*args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "report.md").read_text().startswith("### ")
+    assert {p.name for p in (tmp_path / "plots").iterdir()} == {"accuracy.png", "latency_vs_batch.png",
+                                                               "speedup.png"}
+
+
+# --- extras: every command's imports are covered by the extras README names for it ----------------------
+
+def _readme_extras() -> dict[str, set[str]]:
+    """README's table: command -> the extras it names for it."""
+    table = {}
+    for line in (ROOT / "README.md").read_text().splitlines():
+        match = re.match(r"\|\s*`stt-fast ([\w-]+)[^`]*`\s*\|\s*([^|]*)\|", line)
+        if match:
+            table[match.group(1)] = set(re.findall(r"`(\w+)`", match.group(2)))
+    return table
+
+
+def _requirements() -> tuple[set[str], dict[str, set[str]]]:
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+
+    def names(requirements):
+        return {re.split(r"[\s;<>=!\[]", r, maxsplit=1)[0].lower().replace("_", "-") for r in requirements}
+
+    return names(project["dependencies"]), {k: names(v) for k, v in project["optional-dependencies"].items()}
+
+
+# import name -> distribution name, where they differ
+DISTRIBUTIONS = {"cv2": "opencv-python-headless", "PIL": "pillow", "av": "av"}
+
+# Runs one command with an import recorder: every third-party module that stt_fast's own code imports
+# (directly, not through another package) and that was there to import.
+RECORDER = r"""
+import json, sys
+
+class Recorder:
+    found = set()
+
+    def find_spec(self, name, path=None, target=None):
+        top = name.split(".")[0]
+        if top in sys.stdlib_module_names or top in ("stt_fast", "__main__") or top.startswith("_"):
+            return None
+        frame = sys._getframe(1)
+        while frame is not None and frame.f_globals.get("__name__", "").startswith(("importlib", "_frozen_importlib")):
+            frame = frame.f_back
+        if frame is not None and frame.f_globals.get("__name__", "").startswith("stt_fast"):
+            Recorder.found.add(top)
+        return None
+
+sys.meta_path.insert(0, Recorder())
+from stt_fast.cli import main
+try:
+    code = main(sys.argv[1:])
+finally:
+    print("IMPORTS " + json.dumps(sorted(m for m in Recorder.found if m in sys.modules)))
+"""
+
+
+def _command_runs(tmp: Path, synth_root: Path, checkpoint: Path) -> dict[str, list[str]]:
+    """A small real run of every command (those needing TensorRT run until TensorRT is asked for)."""
+    clip = str(next((synth_root / "Clip" / "clip_224x224").iterdir()))
+    onnx = tmp / "m.onnx"
+    return {
+        "info": ["info", "--config", "tiny"],
+        "synth": ["synth", str(tmp / "synth"), "--clips-per-class", "1", "--quiet"],
+        "train": _train_args(synth_root, tmp / "run", "--epochs", "1"),
+        "eval": ["eval", str(synth_root), "--checkpoint", str(checkpoint), "--workers", "0", "--device", "cpu",
+                 "--confusion-png", str(tmp / "cm.png"), "--quiet"],
+        "predict": ["predict", clip, "--checkpoint", str(checkpoint), "--device", "cpu", "--quiet"],
+        "export": ["export", str(checkpoint), "-o", str(onnx), "--fp16", "--quiet"],
+        "build": ["build", str(onnx), "-o", str(tmp / "m.engine"), "--quiet"],
+        "check": ["check", str(tmp / "m.engine"), str(checkpoint)],
+        "triton-repo": ["triton-repo", str(onnx), "-o", str(tmp / "repo")],
+        "bench": ["bench", "--config", "tiny", "--batch-sizes", "1", "--backends", "eager-fp32,stt_fast-fp32",
+                  "--min-seconds", "0.01", "--output", str(tmp / "results"), "--quiet"],
+    }
+
+
+@pytest.mark.slow
+def test_every_command_imports_only_what_its_extras_install(synth_root, checkpoint, tmp_path):
+    from stt_fast.cli import build_parser
+
+    core, extras = _requirements()
+    documented = _readme_extras()
+    runs = _command_runs(tmp_path, synth_root, checkpoint)
+    assert set(build_parser().commands) <= set(runs), "every command is exercised here"
+    assert set(runs) <= set(documented), f"README names no extras for {set(runs) - set(documented)}"
+    for name, args in runs.items():
+        result = subprocess.run([sys.executable, "-c", RECORDER, *args], capture_output=True, text=True, timeout=600)
+        imported = json.loads(result.stdout.rsplit("IMPORTS ", 1)[1])
+        installed = set(core) | {"torch"}
+        for extra in documented[name]:
+            assert extra in extras, f"README names an extra {extra!r} for {name} that pyproject lacks"
+            installed |= extras[extra]
+        for module in imported:
+            distribution = DISTRIBUTIONS.get(module, module).lower().replace("_", "-")
+            assert distribution in installed, (f"stt-fast {name} imports {module}, which README's extras for it "
+                                               f"({sorted(documented[name]) or 'none'}) do not install")

@@ -2,14 +2,12 @@
 bad input named clearly."""
 
 import csv
-import json
 import random
 import shutil
 
 import pytest
 import torch
 
-from stt_fast.cli import main
 from stt_fast.data.datasets import ClipDataset, class_folder_items, collate_clips, dfew_items, make_loader
 from stt_fast.data.face import crop_square, crop_to_face
 from stt_fast.data.sampling import sample_indices
@@ -219,24 +217,3 @@ def test_face_crop_geometry_with_a_given_detector():
     assert torch.equal(cropped, crop_square(frames, (30, 40, 20, 24)))
     corner = crop_square(frames, (0, 0, 50, 50))  # clamped to the frame
     assert torch.equal(corner, frames[..., 0:75, 0:75])
-
-
-def test_cli_synth_then_predict_json_on_a_video(tmp_path, synth_root, capsys):
-    from stt_fast import STT, get_config, save_checkpoint
-
-    checkpoint = save_checkpoint(STT(get_config("tiny")).eval(), tmp_path / "m.safetensors")
-    video = next((synth_root / "Clip" / "original").glob("*.mp4"))
-    assert main(["predict", str(video), "--checkpoint", str(checkpoint), "--json"]) == 0
-    result = json.loads(capsys.readouterr().out)
-    assert set(result) == {"label", "probabilities"}
-    assert list(result["probabilities"]) == ["Happy", "Sad", "Neutral", "Angry", "Surprise", "Disgust", "Fear"]
-    assert sum(result["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
-    assert result["label"] == max(result["probabilities"], key=result["probabilities"].get)
-    folder = next((synth_root / "Clip" / "clip_224x224").iterdir())
-    assert main(["predict", str(video), str(folder), "--checkpoint", str(checkpoint), "--json"]) == 0
-    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert [line["path"] for line in lines] == [str(video), str(folder)]
-    bad = tmp_path / "bad.mp4"
-    bad.write_bytes(b"nope")
-    assert main(["predict", str(bad), "--checkpoint", str(checkpoint)]) == 2
-    assert "bad.mp4: unreadable video" in capsys.readouterr().err

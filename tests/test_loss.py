@@ -1,4 +1,4 @@
-"""CompactSoftmaxCrossEntropy: the properties of the formulation in ../shared/STT.md."""
+"""CompactSoftmaxCrossEntropy: the properties of the formulation in docs/model.md."""
 
 import itertools
 

@@ -73,11 +73,15 @@ def test_head_dim_128(kernel_device, mode):
     check(st_attention(q, k, v, num_frames=3, mode=mode, out=poisoned_out(q)), q, k, v, 3, mode, torch.float16)
 
 
+# (T, N) per mode such that one group has more keys than one key block of the first candidate (64), so
+# the online softmax runs across blocks; temporal T = 70 also takes the unpacked (long group) path.
+LONG_GROUPS = {"joint": (5, 37), "spatial": (2, 70), "temporal": (70, 3)}
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_longer_groups_take_several_key_blocks(kernel_device, mode):
-    """Groups longer than one key block exercise the online softmax across blocks (T = 40, N = 37)."""
-    frames = 40 if mode != "joint" else 5
-    q, k, v = packed_qkv(1, frames, 37, 1, 16, torch.float32, kernel_device)
+    frames, patches = LONG_GROUPS[mode]
+    q, k, v = packed_qkv(1, frames, patches, 1, 16, torch.float32, kernel_device)
     check(st_attention(q, k, v, num_frames=frames, mode=mode, out=poisoned_out(q)), q, k, v, frames, mode,
           torch.float32)
 
@@ -110,8 +114,6 @@ def launches(monkeypatch):
         return run(*args, grid=grid, warmup=warmup, **kwargs)
 
     monkeypatch.setattr(kernel, "run", recording_run)
-    for mode in MODES:
-        impl._TUNED.setdefault(mode, impl._autotuned(mode))
     return recorded
 
 
@@ -144,24 +146,40 @@ def test_float32_asks_for_ieee_products_not_tf32(kernel_device, launches, dtype,
     assert [kwargs["PRECISION"] for _, kwargs in launches] == [precision]
 
 
-@pytest.mark.parametrize("mode,block_m", [("joint", 128), ("spatial", 64), ("temporal", 16)])
-def test_candidates_fit_the_groups(mode, block_m):
-    paper = impl.candidates(mode, *impl._group_lengths(mode, 785, 16, 49), capability=(9, 0))
+@pytest.mark.parametrize("dtype", ["fp16", "fp32"])
+@pytest.mark.parametrize("mode,block_m", [("joint", 128), ("spatial", 128), ("temporal", 128)])
+def test_candidates_fit_the_groups(mode, block_m, dtype):
+    paper = impl.candidates(mode, 785, 16, 49, capability=(9, 0), dtype_name=dtype)
     assert paper and all(c.block_m <= block_m for c in paper)
-    tiny = impl.candidates(mode, *impl._group_lengths(mode, 16, 3, 5), capability=(9, 0))
-    assert tiny and all(c.block_m == 16 and c.block_n == 16 for c in tiny)
+    # a group of 3 x 5 tokens: joint and spatial tiles of 16; temporal packs at most 8 positions (N = 5 -> 8)
+    tiny = impl.candidates(mode, 16, 3, 5, capability=(9, 0), dtype_name=dtype)
+    if mode == "temporal":
+        assert tiny and all(c.block_m // 4 <= 8 for c in tiny)
+    else:
+        assert tiny and all(c.block_m == 16 and c.block_n == 16 for c in tiny)
+
+
+@pytest.mark.parametrize("frames,patches,block_m,programs", [
+    (16, 49, 64, 13),  # the paper's temporal plan: 4 positions per 64-row tile
+    (16, 49, 16, 49),  # one position per tile
+    (3, 5, 64, 1),     # T = 3 rounds up to 4 rows: 16 positions in one tile
+    (70, 3, 64, 6),    # T = 70 > 64: 2 tiles per position, keys streamed
+])
+def test_temporal_programs_per_head(frames, patches, block_m, programs):
+    assert impl.programs_per_head("temporal", 1 + frames * patches, frames, patches, block_m) == programs
 
 
 @pytest.mark.parametrize("mode", MODES)
 def test_autotune_key_ignores_the_batch(kernel_device, launches, monkeypatch, mode):
-    tuner = impl._TUNED[mode]
+    tuner = impl._tuned(mode, "fp32")
     assert set(tuner.keys) == {"L", "T", "N", "MODE", "HEAD_DIM"}
     monkeypatch.setattr(tuner, "cache", {})
     for batch in (1, 3):
         q, k, v = packed_qkv(batch, 3, 5, 2, 16, torch.float32, kernel_device)
         st_attention(q, k, v, num_frames=3, mode=mode)
     assert len(tuner.cache) == 1, "a new batch size must not re-tune"
-    assert {(kwargs["BLOCK_M"], kwargs["BLOCK_N"]) for _, kwargs in launches} == {(16, 16)}
+    first = impl.candidates(mode, 16, 3, 5, None, "fp32")[0]
+    assert {(kwargs["BLOCK_M"], kwargs["BLOCK_N"]) for _, kwargs in launches} == {(first.block_m, first.block_n)}
 
 
 def test_cpu_fallback_without_interpreter_is_the_reference(monkeypatch, caplog):

@@ -122,17 +122,27 @@ def class_folder_items(root: str | os.PathLike) -> list[ClipItem]:
 
 def load_clip(path: str | os.PathLike, *, num_frames: int, image_size: int, train: bool = False,
               crop_scale: tuple[float, float] = (0.08, 1.0),
-              prepare: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+              prepare: Callable[[torch.Tensor], torch.Tensor] | None = None,
+              source: dict | None = None) -> torch.Tensor:
     """One clip ready for the model: float32 [num_frames, 3, image_size, image_size] in [0, 1].
 
     Frames sampled TSN-style (2 per segment; random offsets when train), `prepare` applied to the raw
-    uint8 frames (a face crop, for prediction), then the training or test transform.
+    uint8 frames (a face crop, for prediction), then the training or test transform. source: when
+    given, receives what the clip had before sampling and resizing: "frames" (how many there were) and
+    "size" ((H, W) after prepare).
     """
     segments = segments_for(num_frames)
-    frames = read_clip(path, lambda n: sample_indices(n, segments=segments, frames_per_segment=2, train=train,
-                                                      rng=random))
+
+    def choose(available: int) -> list[int]:
+        if source is not None:
+            source["frames"] = available
+        return sample_indices(available, segments=segments, frames_per_segment=2, train=train, rng=random)
+
+    frames = read_clip(path, choose)
     if prepare is not None:
         frames = prepare(frames)
+    if source is not None:
+        source["size"] = tuple(frames.shape[-2:])
     return train_transform(frames, image_size, scale=crop_scale) if train else eval_transform(frames, image_size)
 
 
@@ -140,7 +150,7 @@ class ClipDataset(Dataset):
     """(clip float32 [T, 3, S, S] in [0, 1], label, path, error) per item.
 
     T and S come from the model's config; frames are sampled TSN-style (2 per segment) and transformed
-    as in ../shared/STT.md (crop_scale: the area range of the training crop, 8%-100% in the paper).
+    as in docs/model.md (crop_scale: the area range of the training crop, 8%-100% in the paper).
     With skip_bad, an unreadable clip gives (None, label, path, message) instead of raising, so a
     training run can skip and report it; collate_clips drops such items.
     """

@@ -1,4 +1,4 @@
-"""TSN-style sampling of a clip's frames (../shared/STT.md).
+"""TSN-style sampling of a clip's frames (docs/model.md).
 
 The clip is cut into `segments` equal segments and `frames_per_segment` consecutive frames are taken
 from each: at a random offset in training, at the segment's centre in testing. Clips shorter than

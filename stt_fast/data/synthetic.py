@@ -21,12 +21,15 @@ import csv
 import math
 import os
 import random
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from stt_fast.config import EMOTIONS
+from stt_fast.files import current_umask
 
 from .datasets import DFEW_FRAMES_DIR, DFEW_SPLIT_DIR, DFEW_VIDEOS_DIR, FOLDS
 
@@ -50,6 +53,17 @@ class SynthConfig:
     max_frames: int = 24
     video_fraction: float = 0.15
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.clips_per_class < 1:
+            raise ValueError(f"clips_per_class must be >= 1, got {self.clips_per_class}")
+        if self.image_size < 16:
+            raise ValueError(f"image_size must be >= 16 pixels, got {self.image_size}")
+        if not 1 <= self.min_frames <= self.max_frames:
+            raise ValueError(f"frame counts must satisfy 1 <= min_frames <= max_frames, got {self.min_frames} and "
+                             f"{self.max_frames}")
+        if not 0.0 <= self.video_fraction <= 1.0:
+            raise ValueError(f"video_fraction must be in [0, 1], got {self.video_fraction}")
 
 
 def _face_frame(size: int, t: float, face: dict, expression: dict[str, float], rng: random.Random) -> np.ndarray:
@@ -123,14 +137,43 @@ def _write_video(path: Path, frames: np.ndarray, fps: int = 25) -> None:
             container.mux(packet)
 
 
-def write_synthetic_dfew(root: str | os.PathLike, config: SynthConfig = SynthConfig(), progress: bool = True) -> Path:
+def write_synthetic_dfew(root: str | os.PathLike, config: SynthConfig = SynthConfig(), progress: bool = True,
+                         overwrite: bool = False) -> Path:
     """Write a synthetic data set in the DFEW layout under root and return root.
 
     Clips are numbered from 00001, classes interleaved; each of the 5 folds tests on every fifth clip
-    of each class and trains on the rest.
+    of each class and trains on the rest. The set is written beside root and moved into place when
+    complete. A non-empty root is refused (FileExistsError) unless overwrite, which replaces a data
+    set in the DFEW layout whole; a folder holding anything else is never replaced.
     """
+    root = Path(root)
+    if root.exists() and (not root.is_dir() or any(root.iterdir())):
+        if not overwrite:
+            raise FileExistsError(f"{root} is not empty; pass --force to replace it whole (or choose another folder)")
+        foreign = sorted(p.name for p in root.iterdir() if p.name not in ("Clip", DFEW_SPLIT_DIR.name)) \
+            if root.is_dir() else [root.name]
+        if foreign:
+            raise FileExistsError(f"{root} holds more than a DFEW-layout data set ({', '.join(foreign[:5])}); "
+                                  "not replacing it, even with --force")
+    root.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{root.name}.partial-", dir=root.parent))
+    try:
+        partial.chmod(0o777 & ~current_umask())  # mkdtemp makes 0700 folders; the set gets the usual permissions
+        _write_clips_and_splits(partial, config, progress)
+        if root.is_dir():
+            shutil.rmtree(root)
+        elif root.exists():
+            root.unlink()
+        os.replace(partial, root)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return root
+
+
+def _write_clips_and_splits(root: Path, config: SynthConfig, progress: bool) -> None:
     from PIL import Image
-    from tqdm import tqdm
+
+    from stt_fast.progress import progress_bar
 
     try:
         import av  # noqa: F401
@@ -138,14 +181,13 @@ def write_synthetic_dfew(root: str | os.PathLike, config: SynthConfig = SynthCon
         can_write_video = config.video_fraction > 0
     except ImportError:
         can_write_video = False
-    root = Path(root)
     rng = random.Random(config.seed)
     frames_dir, videos_dir = root / DFEW_FRAMES_DIR, root / DFEW_VIDEOS_DIR
     frames_dir.mkdir(parents=True, exist_ok=True)
     videos_dir.mkdir(parents=True, exist_ok=True)
     labels = [c for _ in range(config.clips_per_class) for c in range(len(EMOTIONS))]
     rows = []
-    for clip_id, label in enumerate(tqdm(labels, desc="[synth] clips", disable=not progress), start=1):
+    for clip_id, label in enumerate(progress_bar(labels, desc="[synth] clips", enabled=progress, unit="clip"), start=1):
         name = f"{clip_id:05d}"
         frames = synth_clip(label, rng.randint(config.min_frames, config.max_frames), config.image_size, rng)
         if can_write_video and rng.random() < config.video_fraction:
@@ -170,4 +212,3 @@ def write_synthetic_dfew(root: str | os.PathLike, config: SynthConfig = SynthCon
                 writer = csv.writer(f)
                 writer.writerow(["video_name", "label"])
                 writer.writerows((clip_id, label + 1) for clip_id, label in items)
-    return root

@@ -1,4 +1,4 @@
-"""Clip transforms (../shared/STT.md): the same geometric transform for every frame of a clip.
+"""Clip transforms (docs/model.md): the same geometric transform for every frame of a clip.
 
 Training: random resized crop (area 8%-100% of the frame, aspect 3/4-4/3) to size x size, and a
 horizontal flip with probability 1/2. Testing: resize to size x size. Frames are uint8 [T, 3, H, W]
