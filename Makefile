@@ -1,10 +1,12 @@
-# Two commands for users (README): `make bench` runs the main job, `make test` the test suite.
-# Both create and fill the virtual environment $(VENV) on first use.
+# The commands of README: `make bench` runs the main job, `make test` the test suite (one worker per core),
+# `make selftest` verifies what a GPU can (run it on a machine with one).
+# Each creates and fills the virtual environment $(VENV) on first use.
 VENV ?= .venv
 PYTHON ?= python3
 BENCH_ARGS ?=
+SELFTEST_ARGS ?=
 
-.PHONY: bench test lint clean
+.PHONY: bench test selftest lint clean
 
 $(VENV)/.ready: pyproject.toml setup.py scripts/setup_venv.sh
 	PYTHON=$(PYTHON) bash scripts/setup_venv.sh $(VENV)
@@ -14,7 +16,10 @@ bench: $(VENV)/.ready
 	$(VENV)/bin/stt-fast bench $(BENCH_ARGS)
 
 test: $(VENV)/.ready
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q -n auto
+
+selftest: $(VENV)/.ready
+	$(VENV)/bin/stt-fast selftest $(SELFTEST_ARGS)
 
 lint: $(VENV)/.ready
 	$(VENV)/bin/ruff check .

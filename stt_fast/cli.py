@@ -422,6 +422,48 @@ def _cmd_kernels(args: argparse.Namespace) -> int:
     return 1 if gate and args.check else 0
 
 
+def _cmd_selftest(args: argparse.Namespace) -> int:
+    from stt_fast.selftest import run_selftest
+
+    items, folder = run_selftest(args.output, device=args.device, config_name=args.config, quick=args.quick,
+                                 progress=not args.quiet, echo=(lambda line: None) if args.quiet else print)
+    print((folder / "SUMMARY.md").read_text())
+    skipped = [i for i in items if i.status == "skipped"]
+    if skipped:
+        print("skipped here:")
+        for item in skipped:
+            print(f"  {item.name}: {item.detail}")
+    print(f"[selftest] results in {folder}; send the folder (SUMMARY.md first) to the maintainers")
+    return 1 if any(i.status == "failed" for i in items) else 0
+
+
+def _cmd_annotate(args: argparse.Namespace) -> int:
+    import time
+
+    from stt_fast.annotate import annotate
+    from stt_fast.progress import progress_bar
+
+    bar = progress_bar(desc="[annotate]", total=1, enabled=not args.quiet, unit="clip")
+    first: list[tuple[float, int]] = []
+
+    def on_batch(done: int, total: int, errors: int) -> None:
+        first[:] = first or [(time.perf_counter(), done)]
+        rate = (done - first[0][1]) / max(time.perf_counter() - first[0][0], 1e-9)
+        bar.total, bar.n = total, done
+        bar.set_postfix_str(f"{rate:.1f} clips/s, {errors} unreadable")
+        bar.refresh()
+
+    result = annotate(args.source, args.output, backend=args.backend, checkpoint=args.checkpoint, onnx=args.onnx,
+                      engine=args.engine, device=args.device, batch_size=args.batch_size, detect_face=args.detect_face,
+                      fmt=args.format, ray_address=args.ray, workers=args.workers,
+                      gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker, on_batch=on_batch)
+    bar.close()
+    print(f"[annotate] {result.total} clips in {args.source}: {result.skipped_done} already in {result.output}, "
+          f"{result.written} annotated now ({result.errors} could not be read) in {result.seconds:.1f} s, "
+          f"{result.clips_per_second:.2f} clips/s")
+    return 0
+
+
 # --- the parser ----------------------------------------------------------------------------------------
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -576,6 +618,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_quiet(k)
     p.set_defaults(func=_cmd_kernels)
 
+    p = sub.add_parser("selftest", help="verify everything this machine's GPU (or CPU) can verify; one folder out",
+                       description="Kernels against references on the device, CUDA graphs, every backend with "
+                                   "validation, no host syncs, the kernel microbenchmark, the benchmark suite, a "
+                                   "TensorRT engine, and the compile facts of this GPU. On a machine without a GPU "
+                                   "it runs the CPU parts and lists what it skipped and why.")
+    p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
+    p.add_argument("--output", default="results/selftest", help="results folder (a subfolder per machine and run)")
+    p.add_argument("--config", default=DEFAULT_PRESET, choices=sorted(PRESETS), help="the model to check")
+    p.add_argument("--quick", action="store_true", help="fewer shapes and batch sizes")
+    _add_quiet(p)
+    p.set_defaults(func=_cmd_selftest)
+
     p = sub.add_parser("train", help="train on a DFEW-layout (or class-folder) data set")
     _add_data_args(p)
     p.add_argument("-o", "--output", required=True, help="run folder (checkpoints, log, confusion matrix)")
@@ -619,6 +673,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     _add_quiet(p)
     p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("annotate", help="label every clip of a video collection, resumably, optionally on Ray",
+                       description="Label every clip of SOURCE (a folder searched recursively, a DFEW-layout data "
+                                   "set, or a text file of paths) into OUTPUT (Parquet or JSON lines part files). "
+                                   "Resumable: a second run skips what is written. --ray runs decoding as Ray tasks "
+                                   "and inference in an actor pool (pip install 'stt-fast[ray]').")
+    p.add_argument("source", help="folder, DFEW-layout data set, or text file of paths")
+    _add_backend_args(p)
+    p.add_argument("-o", "--output", required=True, help="output folder (created; resumed when it exists)")
+    p.add_argument("--format", default=None, choices=["parquet", "jsonl"],
+                   help="part file format (default: parquet where pyarrow is installed, else jsonl)")
+    p.add_argument("--ray", default=None, metavar="local|auto|ADDRESS",
+                   help="run on Ray: 'local' starts a local cluster, 'auto' joins the running one, or a cluster "
+                        "address (default: in this process, no Ray)")
+    p.add_argument("--workers", type=positive_int, default=1, help="inference actors (with --ray)")
+    p.add_argument("--gpus-per-worker", type=non_negative_float, default=0.0,
+                   help="GPUs per actor (with --ray; 1 = one model or engine per GPU)")
+    p.add_argument("--cpus-per-worker", type=positive_float, default=1.0, help="CPUs per actor (with --ray)")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="clips per batch (and per part file)")
+    p.add_argument("--detect-face", action="store_true", help="detect and crop the face (OpenCV)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N for each worker (default: cuda when available)")
+    _add_quiet(p)
+    p.set_defaults(func=_cmd_annotate)
 
     p = sub.add_parser("synth", help="write a synthetic DFER-like data set in the DFEW layout")
     p.add_argument("output", help="folder to write (must be empty or absent)")

@@ -15,7 +15,8 @@ if not torch.cuda.is_available():
 
 import pytest
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Under pytest-xdist (make test: one worker per core) each worker computes on one thread; alone, on two.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min(2, os.cpu_count() or 1)))
 
 
 @pytest.fixture(autouse=True)

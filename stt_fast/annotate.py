@@ -1,0 +1,375 @@
+"""Annotate a video collection: every clip of a source labelled, resumably, in one process or on a Ray cluster.
+
+    stt-fast annotate SOURCE --checkpoint CK --output OUT [--ray local|auto|ADDRESS] [--workers N] ...
+
+SOURCE is a folder (searched recursively for video files and folders of frames), a DFEW-layout data set,
+or a text file of paths (one per line; relative paths are relative to the file's folder).
+
+Each clip goes through exactly what `stt-fast predict` does (stt_fast.predict: decoding, test-time
+sampling, optional face crop, the chosen backend, the softmax), so labels and probabilities are the same.
+Rows: path, label, the seven probabilities (p_<class>), warnings, error (a clip that cannot be read gets
+its error and no label: a bad file never stops the run), backend, model_sha256 (the file the model came
+from).
+
+Output: OUT is a folder of part files, one per batch, each written under a temporary name and renamed when
+complete, so a reader never sees a half-written part (Parquet: `pandas.read_parquet(OUT)`; JSON lines:
+`cat OUT/*.jsonl`). A second run over the same SOURCE and OUT skips the clips already written and
+finishes the rest; an interrupted run (Ctrl-C, a killed worker or driver) loses at most the batches in
+flight. OUT/manifest.json records the model, backend and counts of the last complete run.
+
+Execution: without Ray, one process decodes and predicts batch by batch. With Ray (an optional extra,
+stt-fast[ray]), Ray Data runs decoding and sampling as parallel CPU tasks and inference in a pool of
+actors, each holding one model (one compiled module, or one TensorRT engine) built once; the driver
+streams the results into the part files. No scheduler of our own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .data.video import IMAGE_SUFFIXES, VIDEO_SUFFIXES
+from .files import sha256_file, write_text_atomic
+
+FORMATS = ("parquet", "jsonl")
+PART_PREFIX = "part-"
+
+
+# --- what to annotate ----------------------------------------------------------------------------------
+
+def list_sources(source: str | os.PathLike) -> list[str]:
+    """The clips of SOURCE, in a stable order: a folder (recursive), a DFEW-layout set, or a list file."""
+    source = Path(source)
+    if source.is_file():
+        base = source.parent
+        paths = []
+        for line in source.read_text().splitlines():
+            line = line.strip()
+            if line and not line.startswith("#"):
+                path = Path(line)
+                paths.append(str(path if path.is_absolute() else base / path))
+        if not paths:
+            raise ValueError(f"{source} lists no clip paths")
+        return paths
+    if not source.is_dir():
+        raise FileNotFoundError(f"source not found: {source}")
+    clips = []
+    for folder, subfolders, files in os.walk(source):
+        subfolders.sort()
+        folder = Path(folder)
+        if any(Path(f).suffix.lower() in IMAGE_SUFFIXES for f in files):
+            clips.append(str(folder))  # a folder of frames is one clip
+            subfolders.clear()
+            continue
+        clips += [str(folder / f) for f in sorted(files) if Path(f).suffix.lower() in VIDEO_SUFFIXES]
+    if not clips:
+        raise ValueError(f"{source}: no video files or folders of frames found")
+    return sorted(clips)
+
+
+# --- the output folder ---------------------------------------------------------------------------------
+
+def row_columns(labels: Sequence[str]) -> list[str]:
+    return ["path", "label", *(f"p_{name}" for name in labels), "warnings", "error", "backend", "model_sha256"]
+
+
+def _part_name(paths: Sequence[str], fmt: str) -> str:
+    digest = hashlib.sha256("\n".join(paths).encode()).hexdigest()[:16]
+    return f"{PART_PREFIX}{digest}.{fmt}"
+
+
+def write_part(out: Path, rows: list[dict], fmt: str, columns: Sequence[str]) -> Path:
+    """One batch's rows as a complete part file (temporary name, then rename)."""
+    path = out / _part_name([r["path"] for r in rows], fmt)
+    if fmt == "jsonl":
+        write_text_atomic(path, "".join(json.dumps({c: r.get(c) for c in columns}) + "\n" for r in rows))
+        return path
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from .files import atomic_output
+
+    table = pa.Table.from_pylist([{c: r.get(c) for c in columns} for r in rows])
+    with atomic_output(path) as tmp:
+        pq.write_table(table, str(tmp))
+    return path
+
+
+def read_rows(out: str | os.PathLike) -> list[dict]:
+    """Every row of every complete part file in OUT (temporary files of an interrupted run are ignored)."""
+    rows = []
+    for path in sorted(Path(out).glob(f"{PART_PREFIX}*")):
+        if path.suffix == ".jsonl":
+            rows += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        elif path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            rows += pq.read_table(str(path)).to_pylist()
+    return rows
+
+
+def _clean_partial(out: Path) -> int:
+    """Remove what an interrupted run left half-written (never a complete part)."""
+    stale = list(out.glob(f".{PART_PREFIX}*.tmp"))
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return len(stale)
+
+
+# --- one clip and one batch, exactly as `stt-fast predict` -----------------------------------------------
+
+def decode(path: str, num_frames: int, image_size: int, detect_face: bool) -> dict:
+    """{"path", "clip" (float32 [T, 3, S, S] or None), "warnings", "error"}: predict's loading."""
+    from .data.video import BadClipError
+    from .predict import load_for_prediction
+
+    try:
+        clip, warnings = load_for_prediction(path, num_frames, image_size, detect_face=detect_face)
+    except BadClipError as e:
+        return {"path": path, "clip": None, "warnings": "", "error": str(e)}
+    return {"path": path, "clip": clip.numpy(), "warnings": "; ".join(warnings), "error": ""}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What every worker needs to build the same predictor (picklable: it travels to Ray actors)."""
+
+    backend: str
+    checkpoint: str | None
+    onnx: str | None
+    engine: str | None
+    device: str | None
+
+    def file(self) -> str:
+        return {"onnx": self.onnx, "tensorrt": self.engine}.get(self.backend) or self.checkpoint or ""
+
+
+class BatchPredictor:
+    """decoded clips -> result rows; one model, built once (one per Ray actor)."""
+
+    def __init__(self, spec: ModelSpec, model_sha256: str) -> None:
+        from .predict import class_names
+        from .predictors import load_predictor
+
+        self.predictor = load_predictor(spec.backend, checkpoint=spec.checkpoint, onnx=spec.onnx, engine=spec.engine,
+                                        device=spec.device)
+        self.labels = class_names(self.predictor.config.num_classes)
+        self.model_sha256 = model_sha256
+
+    def rows(self, decoded: Iterable[dict]) -> list[dict]:
+        import torch
+
+        from .predict import probabilities
+
+        decoded = list(decoded)
+        readable = [d for d in decoded if d["clip"] is not None and not d["error"]]
+        scored = iter(probabilities(self.predictor(torch.stack([torch.as_tensor(d["clip"]) for d in readable])),
+                                    self.labels)) if readable else iter(())
+        rows = []
+        for d in decoded:
+            row = {"path": d["path"], "label": None, "warnings": d["warnings"] or "", "error": d["error"] or None,
+                   "backend": self.predictor.name, "model_sha256": self.model_sha256}
+            row |= {f"p_{name}": None for name in self.labels}
+            if d["clip"] is not None and not d["error"]:
+                result = next(scored)
+                row["label"] = result["label"]
+                row |= {f"p_{name}": p for name, p in result["probabilities"].items()}
+            rows.append(row)
+        return rows
+
+    def __call__(self, batch: dict) -> dict:
+        """Ray Data's batch form (columns of numpy arrays) in and out."""
+        decoded = [{"path": str(batch["path"][i]), "clip": batch["clip"][i] if not batch["error"][i] else None,
+                    "warnings": str(batch["warnings"][i]), "error": str(batch["error"][i])}
+                   for i in range(len(batch["path"]))]
+        rows = self.rows(decoded)
+        columns = row_columns(self.labels)
+        return {c: np.array([r[c] for r in rows], dtype=object) for c in columns}
+
+
+# --- running ---------------------------------------------------------------------------------------------
+
+@dataclass
+class AnnotateResult:
+    total: int
+    skipped_done: int
+    written: int
+    errors: int
+    seconds: float
+    output: Path
+
+    @property
+    def clips_per_second(self) -> float:
+        return self.written / self.seconds if self.seconds else 0.0
+
+
+def _in_process(todo: list[str], spec: ModelSpec, model_sha256: str, config, batch_size: int,
+                detect_face: bool) -> Iterator[list[dict]]:
+    predictor = BatchPredictor(spec, model_sha256)
+    for start in range(0, len(todo), batch_size):
+        decoded = [decode(p, config.num_frames, config.image_size, detect_face) for p in todo[start:start + batch_size]]
+        yield predictor.rows(decoded)
+
+
+def _with_ray(todo: list[str], spec: ModelSpec, model_sha256: str, config, batch_size: int, detect_face: bool,
+              ray_address: str, workers: int, gpus_per_worker: float, cpus_per_worker: float) -> Iterator[list[dict]]:
+    try:
+        import ray
+        import ray.data
+    except ImportError:
+        raise ImportError("--ray needs Ray Data: pip install 'stt-fast[ray]'") from None
+    started_here = not ray.is_initialized()
+    # Ray's C++ core logs notices of its own internals at ERROR level on the driver's stderr; keep them out
+    # of the user's terminal unless they ask (setting the variable themselves).
+    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
+    if started_here:
+        quiet = dict(log_to_driver=False, logging_level=logging.ERROR)
+        if ray_address == "local":
+            # Logical CPUs enough for the actors and at least one decoding task beside them.
+            cores = os.cpu_count() or 1
+            ray.init(num_cpus=max(cores, int(workers * cpus_per_worker + 0.999) + 1), include_dashboard=False, **quiet)
+        else:
+            ray.init(address=ray_address, **quiet)
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    frames, size = config.num_frames, config.image_size
+
+    def decode_row(row: dict) -> dict:
+        d = decode(row["path"], frames, size, detect_face)
+        return {**d, "clip": d["clip"] if d["clip"] is not None else np.zeros((frames, 3, size, size), np.float32)}
+
+    try:
+        dataset = ray.data.from_items([{"path": p} for p in todo], override_num_blocks=max(1, len(todo) // batch_size))
+        # Decoding: parallel CPU tasks (half a CPU each: lighter than inference). Inference: an actor pool,
+        # one model per actor. Their resources differ, so Ray keeps them apart rather than fusing them.
+        dataset = dataset.map(decode_row, num_cpus=0.5)
+
+        class ActorPredictor(BatchPredictor):  # the model spec baked in: nothing to ship per actor start
+            def __init__(self) -> None:
+                import torch
+
+                torch.set_num_threads(max(1, int(cpus_per_worker)))  # the actor's share of the node's cores
+                super().__init__(spec, model_sha256)
+
+        dataset = dataset.map_batches(ActorPredictor, batch_size=batch_size, batch_format="numpy",
+                                      compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=cpus_per_worker,
+                                      num_gpus=gpus_per_worker)
+        for batch in dataset.iter_batches(batch_size=batch_size, batch_format="numpy"):
+            names = list(batch)
+            yield [{name: _plain(batch[name][i]) for name in names} for i in range(len(batch["path"]))]
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+def _plain(value):
+    """A value back from Ray's columns as the in-process rows hold it (Ray turns None into NaN)."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and value != value:
+        return None
+    return value
+
+
+def annotate(source: str | os.PathLike, output: str | os.PathLike, *, backend: str = "reference",
+             checkpoint: str | None = None, onnx: str | None = None, engine: str | None = None,
+             device: str | None = None, batch_size: int = 16, detect_face: bool = False, fmt: str | None = None,
+             ray_address: str | None = None, workers: int = 1, gpus_per_worker: float = 0.0,
+             cpus_per_worker: float = 1.0, on_batch: Callable[[int, int, int], None] | None = None) -> AnnotateResult:
+    """Annotate every clip of source into the output folder (see the module docstring); resumable.
+
+    on_batch(done, total, errors) is called after each written batch (progress)."""
+    fmt = fmt or ("parquet" if _has_pyarrow() else "jsonl")
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+    if fmt == "parquet" and not _has_pyarrow():
+        raise ImportError("Parquet output needs pyarrow (pip install 'stt-fast[ray]'), or use --format jsonl")
+    if batch_size < 1 or workers < 1:
+        raise ValueError("batch_size and workers must be >= 1")
+    spec = ModelSpec(backend, checkpoint, onnx, engine, device)
+    model_file = spec.file()
+    if not model_file:
+        raise ValueError(f"backend {backend!r} needs " + {"onnx": "--onnx", "tensorrt": "--engine"}.get(
+            backend, "--checkpoint"))
+    if not Path(model_file).is_file():
+        raise FileNotFoundError(f"model file not found: {model_file}")
+    paths = list_sources(source)
+    out = Path(output)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"{out} exists and is not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    _clean_partial(out)
+    model_sha256 = sha256_file(model_file)
+    existing = read_rows(out)
+    other_model = {r["model_sha256"] for r in existing} - {model_sha256}
+    if other_model:
+        raise ValueError(f"{out} holds annotations by another model ({sorted(other_model)[0][:12]}...): choose another "
+                         "output folder")
+    done = {r["path"] for r in existing}
+    todo = [p for p in paths if p not in done]
+    config = _config_of(spec)
+    columns = row_columns(_labels(config))
+    started = time.perf_counter()
+    written = errors = 0
+    if on_batch:
+        on_batch(len(paths) - len(todo), len(paths), 0)
+    if todo:
+        batches = (_with_ray(todo, spec, model_sha256, config, batch_size, detect_face, ray_address, workers,
+                             gpus_per_worker, cpus_per_worker) if ray_address
+                   else _in_process(todo, spec, model_sha256, config, batch_size, detect_face))
+        for rows in batches:
+            write_part(out, rows, fmt, columns)
+            written += len(rows)
+            errors += sum(1 for r in rows if r.get("error"))
+            if on_batch:
+                on_batch(len(paths) - len(todo) + written, len(paths), errors)
+    seconds = time.perf_counter() - started
+    result = AnnotateResult(len(paths), len(paths) - len(todo), written, errors, seconds, out)
+    write_text_atomic(out / "manifest.json", json.dumps({
+        "source": str(source), "clips": len(paths), "written_this_run": written, "skipped_already_done": len(done),
+        "errors_this_run": errors, "backend": backend, "model_file": str(model_file), "model_sha256": model_sha256,
+        "format": fmt, "ray": ray_address, "workers": workers, "batch_size": batch_size,
+        "seconds": round(seconds, 2), "clips_per_second": round(result.clips_per_second, 3)}, indent=2))
+    return result
+
+
+def _labels(config) -> list[str]:
+    from .predict import class_names
+
+    return class_names(config.num_classes)
+
+
+def _config_of(spec: ModelSpec):
+    """The model's config, read from its file without building the model."""
+    from .config import STTConfig
+
+    if spec.backend in ("reference", "compiled"):
+        from .checkpoint import read_checkpoint
+
+        return read_checkpoint(spec.checkpoint)[0]
+    if spec.backend == "onnx":
+        from stt_fast.export.onnx_export import config_from_metadata, read_metadata
+
+        return config_from_metadata(read_metadata(spec.onnx))
+    from stt_fast.export.engine_runtime import read_sidecar
+
+    return STTConfig.from_dict(read_sidecar(spec.engine)["config"])
+
+
+def _has_pyarrow() -> bool:
+    try:
+        import pyarrow
+        import pyarrow.parquet  # noqa: F401
+    except ImportError:
+        return False
+    return True
+

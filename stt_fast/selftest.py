@@ -1,0 +1,374 @@
+"""`stt-fast selftest`: everything a GPU can verify, in one command, written to one folder.
+
+No GPU has run this project's GPU code yet. Whoever has one runs `stt-fast selftest` (or `make selftest`)
+and sends back the folder it writes (SUMMARY.md first). Items, each passed, failed or skipped with the
+reason:
+
+    kernels        st_attention (every mode x dtype x head dim) and add_layer_norm on the device against
+                   float64 references; on a CPU, the same through Triton's interpreter (a subprocess)
+    cuda-graphs    the compiled module with CUDA graphs across batch sizes: logits and the graph cache
+    backends       stt_fast.compile with validation, every backend and precision this machine has
+    no-host-sync   steady-state calls with torch.cuda.set_sync_debug_mode("error"); on a CPU, the CUDA
+                   path traced on fake CUDA tensors (a data-dependent branch would raise there)
+    kernel-bench   the st_attention microbenchmark (fraction of the roofline bound on a known GPU)
+    bench          the benchmark suite, batch 1, 8 and 64 on a GPU (the tiny config, batch 1 and 8, on a CPU)
+    tensorrt       export -> FP16 engine build -> check of the config's model (TensorRT and a GPU)
+    aot            the ahead-of-time compile facts for this GPU's architecture
+
+The folder holds SUMMARY.md (machine header, one line per item), selftest.json, and each item's own
+results (benchmark JSON, compile matrix).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .config import STTConfig, get_config
+from .files import write_text_atomic
+
+
+@dataclass
+class Item:
+    name: str
+    status: str = "skipped"  # "passed", "failed" or "skipped"
+    detail: str = ""  # what was checked, or why it was skipped / failed
+    seconds: float = 0.0
+
+
+class Skip(Exception):
+    """An item that cannot run on this machine, with the reason."""
+
+
+def _model(config: STTConfig, seed: int = 0):
+    from .model import STT
+
+    torch.manual_seed(seed)
+    model = STT(config).eval()
+    with torch.no_grad():  # BatchNorm statistics away from their initial values, as after training
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    return model
+
+
+# --- the items -----------------------------------------------------------------------------------------
+
+KERNEL_CHECK = r"""
+import json, sys, torch
+from stt_fast.accuracy import relative_error, tolerance
+from stt_fast.kernels import add_layer_norm, add_layer_norm_reference, st_attention, st_attention_reference
+device = sys.argv[1]
+shapes = [(2, 3, 5, 2), (1, 16, 49, 2)] if sys.argv[2] == "full" else [(2, 3, 5, 2)]
+worst, checked = {}, 0
+for dtype in (torch.float16, torch.bfloat16, torch.float32):
+    for head_dim in (16, 32, 64, 128):
+        for b, t, n, h in shapes:
+            qkv = torch.randn(b, 1 + t * n, 3, h, head_dim, dtype=dtype, device=device)
+            q, k, v = qkv.unbind(2)
+            for mode in ("joint", "spatial", "temporal"):
+                out = st_attention(q, k, v, num_frames=t, mode=mode)
+                ref = st_attention_reference(*(x.cpu().double() for x in (q, k, v)), num_frames=t, mode=mode)
+                err = relative_error(out, ref)
+                key = f"st_attention {mode} {str(dtype)[6:]}"
+                worst[key] = max(worst.get(key, 0.0), err)
+                checked += 1
+                assert err < tolerance(dtype).kernel, f"{key} Dh{head_dim} T{t} N{n}: relative error {err:.2e}"
+    x, delta = (torch.randn(3, 21, 512, dtype=dtype, device=device) for _ in range(2))
+    w, bias = (torch.randn(512, dtype=dtype, device=device) for _ in range(2))
+    y, z = add_layer_norm(x, delta, w, bias, 1e-6, cls_period=21)
+    y_ref, z_ref = add_layer_norm_reference(*(a.cpu().double() for a in (x, delta, w, bias)), 1e-6, cls_period=21)
+    err = max(relative_error(y, y_ref), relative_error(z, z_ref))
+    worst[f"add_layer_norm {str(dtype)[6:]}"] = err
+    assert err < tolerance(dtype).kernel, f"add_layer_norm {dtype}: relative error {err:.2e}"
+print(json.dumps({"checked": checked, "worst_relative_error": worst}))
+"""
+
+
+def item_kernels(device: torch.device, out: Path, config: STTConfig, quick: bool) -> str:
+    env = dict(os.environ)
+    if device.type == "cpu":
+        env["TRITON_INTERPRET"] = "1"  # must be set before triton is imported: hence the subprocess
+    else:
+        env.pop("TRITON_INTERPRET", None)
+    full = "small" if device.type == "cpu" or quick else "full"
+    result = subprocess.run([sys.executable, "-c", KERNEL_CHECK, str(device), full], capture_output=True, text=True,
+                            env=env, timeout=3600)
+    if result.returncode:
+        raise AssertionError(result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed")
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    write_text_atomic(out / "kernels.json", json.dumps(report, indent=1))
+    where = "on the GPU" if device.type == "cuda" else "through Triton's interpreter (CPU)"
+    worst = max(report["worst_relative_error"].items(), key=lambda kv: kv[1])
+    return (f"{report['checked']} st_attention checks (3 modes x fp16/bf16/fp32 x head dims 16-128) and "
+            f"add_layer_norm {where}; largest relative error {worst[1]:.1e} ({worst[0]})")
+
+
+def item_cuda_graphs(device: torch.device, out: Path, config: STTConfig, quick: bool) -> str:
+    if device.type != "cuda":
+        raise Skip("CUDA graphs need a CUDA GPU")
+    import stt_fast
+    from stt_fast.accuracy import relative_error, tolerance
+
+    model = _model(get_config("tiny"))
+    compiled = stt_fast.compile(model.to(device), max_graphs=2)
+    c = model.config
+    errors = []
+    for batch in (1, 2, 3, 1):
+        x = torch.rand(batch, c.num_frames, 3, c.image_size, c.image_size)
+        with torch.no_grad():
+            errors.append(relative_error(compiled(x), model.cpu()(x)))
+        model.to(device)
+    if max(errors) > tolerance(compiled.dtype).model:
+        raise AssertionError(f"logits through CUDA graphs differ from the reference: {max(errors):.2e}")
+    shapes = [key[0][0] for key in compiled.graphs.cached()]
+    if shapes != [3, 1]:
+        raise AssertionError(f"graph cache holds batches {shapes}, expected [3, 1] (least recently used evicted)")
+    return f"batches 1, 2, 3, 1 through {compiled.backend} with CUDA graphs: largest error {max(errors):.1e}"
+
+
+def item_backends(device: torch.device, out: Path, config: STTConfig, quick: bool) -> str:
+    import stt_fast
+    from stt_fast.compiler import triton_problem
+
+    model = _model(config)
+    plans = [("auto", None)]
+    if device.type == "cuda":
+        plans += [("triton", torch.float16), ("triton", torch.bfloat16), ("triton", torch.float32),
+                  ("torch", torch.float16), ("torch", torch.float32), ("onnxruntime", torch.float32),
+                  ("tensorrt", torch.float16)]
+    else:
+        plans += [("torch", torch.float32), ("onnxruntime", torch.float32)]
+    lines, failures, records = [], [], []
+    with tempfile.TemporaryDirectory(prefix="stt_fast-selftest-") as cache:
+        for backend, dtype in plans:
+            name = f"{backend} {str(dtype)[6:] if dtype else 'default'}"
+            if backend == "triton" and triton_problem(model, device):
+                lines.append(f"{name}: skipped ({triton_problem(model, device)})")
+                continue
+            # the exported graphs and engines go to a scratch cache (auto is onnxruntime on the CPU)
+            cached = backend in ("onnxruntime", "tensorrt") or (backend == "auto" and device.type == "cpu")
+            options = {"cache_dir": cache} if cached else {}
+            try:
+                compiled = stt_fast.compile(model.to(device), device=device, dtype=dtype, backend=backend, **options)
+            except ImportError as e:
+                lines.append(f"{name}: skipped ({e})")
+                continue
+            except Exception as e:  # one backend failing is the finding; the others still run
+                failures.append(f"{name}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+                continue
+            report = compiled.validation
+            fell_back = f", fell back: {compiled.fallback_reason}" if compiled.fallback_reason else ""
+            lines.append(f"{name} -> {compiled.backend} {str(compiled.dtype)[6:]}: {report}{fell_back}")
+            records.append({"asked": name, "backend": compiled.backend, "dtype": str(compiled.dtype),
+                            "fallback_reason": compiled.fallback_reason, "validation": report.to_dict()})
+    write_text_atomic(out / "backends.json", json.dumps({"results": records, "failures": failures}, indent=1))
+    if failures:
+        raise AssertionError("; ".join(failures))
+    return "; ".join(lines)
+
+
+def item_no_host_sync(device: torch.device, out: Path, config: STTConfig, quick: bool) -> str:
+    import stt_fast
+
+    model = _model(config)
+    c = config
+    if device.type == "cuda":
+        lines = []
+        for backend in ("triton", "torch"):
+            compiled = stt_fast.compile(model.to(device), backend=backend, validate=False)
+            for dtype in (torch.float32, torch.uint8):
+                x = torch.rand(2, c.num_frames, 3, c.image_size, c.image_size, device=device)
+                x = (x * 255).to(torch.uint8) if dtype == torch.uint8 else x
+                with torch.no_grad():
+                    compiled(x)  # first call: capture, autotuning (may sync)
+                    torch.cuda.synchronize(device)
+                    torch.cuda.set_sync_debug_mode("error")
+                    try:
+                        for _ in range(3):
+                            compiled(x)
+                    finally:
+                        torch.cuda.set_sync_debug_mode(0)
+                lines.append(f"{backend} {str(dtype)[6:]} clips")
+        return "no host-device sync in steady-state calls (torch.cuda.set_sync_debug_mode('error')): " + \
+            ", ".join(lines)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from .compiler import CompiledSTT
+    from .compiler.program import STTProgram
+
+    mode = FakeTensorMode()
+    for ops in ("torch", "triton"):
+        program = STTProgram(model, ops=ops).eval()
+        with mode:
+            program._apply(lambda t: torch.empty_strided(t.shape, t.stride(), device="cuda",
+                                                         dtype=torch.float16 if t.is_floating_point() else t.dtype))
+            compiled = CompiledSTT(program, config=config, device=torch.device("cuda", 0), dtype=torch.float16,
+                                   backend=ops)
+            compiled(torch.empty(2, c.num_frames, 3, c.image_size, c.image_size, device="cuda"))
+    return ("the CUDA path (torch and triton op sets) traced on fake CUDA tensors without a data-dependent "
+            "branch; on a GPU this item checks steady-state calls with set_sync_debug_mode('error')")
+
+
+def item_kernel_bench(device: torch.device, out: Path, config: STTConfig, quick: bool) -> str:
+    if device.type != "cuda":
+        raise Skip("the Triton kernels are timed on a CUDA GPU only (the interpreter is a correctness tool)")
+    from stt_fast.benchmarks import bench_st_attention
+
+    result, path = bench_st_attention.run((1, 8) if quick else (1, 8, 64), "fp16", str(device),
+                                          frames=config.num_frames, patches=config.num_patches,
+                                          heads=config.num_heads, head_dim=config.head_dim, output_dir=out)
+    rows = [r for r in result["rows"] if r["impl"] == "st_attention" and "timing" in r]
+    return "; ".join(f"{r['mode']} B={r['batch']}: {r['timing']['median_ms']:.3f} ms, "
+                     f"{r.get('speedup_vs_fastest_sdpa', 0):.2f}x the fastest SDPA"
+                     + (f", {100 * r['fraction_of_bound']:.0f}% of the roofline bound" if "fraction_of_bound" in r
+                        else "") for r in rows) + f" ({path.name})"
+
+
+def item_bench(device: torch.device, out: Path, config_name: str, quick: bool, progress: bool) -> str:
+    from stt_fast.benchmarks.harness import failures, run_suite
+    from stt_fast.benchmarks.report import markdown
+
+    if device.type == "cuda":
+        name, batches, seconds = config_name, ([1, 8] if quick else [1, 8, 64]), 1.0
+    else:  # the paper model on a CPU is `make bench`'s job
+        name, batches, seconds = "tiny", ([1] if quick else [1, 8]), (0.05 if quick else 0.2)
+    result, path = run_suite(name, batch_sizes=batches, device=str(device), output_dir=out, min_seconds=seconds,
+                             progress=progress)
+    write_text_atomic(out / "bench.md", markdown([result]))
+    problems = failures(result)
+    if problems:
+        raise AssertionError("; ".join(problems))
+    ours = [(r["backend"], b) for r in result["results"] if r.get("role") == "ours" for b in r.get("batches", [])
+            if "timing" in b]
+    best = max(ours, key=lambda rb: rb[1].get("vs_fastest_peer", 0), default=None)
+    summary = f"{name} config, batches {batches}: every available backend ran ({path.relative_to(out)})"
+    if best:
+        summary += (f"; best of ours vs the fastest peer: {best[0]} at batch {best[1]['batch']}, "
+                    f"{best[1].get('vs_fastest_peer', 0):.2f}x")
+    return summary
+
+
+def item_tensorrt(device: torch.device, out: Path, config: STTConfig, quick: bool) -> str:
+    if device.type != "cuda":
+        raise Skip("TensorRT engines are built and run on a CUDA GPU")
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        raise Skip("TensorRT is not installed (pip install 'stt-fast[tensorrt]')") from None
+    from .checkpoint import save_checkpoint
+    from .export.pipeline import build_from_onnx, check_engine, export_checkpoint
+
+    with tempfile.TemporaryDirectory(prefix="stt_fast-selftest-trt-") as tmp:
+        checkpoint = save_checkpoint(_model(config), Path(tmp) / "model.safetensors")
+        graphs = export_checkpoint(checkpoint, Path(tmp) / "model.onnx", fp16=True, batch="1:8:64", progress=False,
+                                   echo=lambda line: None)
+        sidecar = build_from_onnx(graphs[-1].path, out / "model.engine", checkpoint=checkpoint, progress=False,
+                                  echo=lambda line: None)
+        report = check_engine(out / "model.engine", checkpoint, echo=lambda line: None)
+    (out / "model.engine").unlink(missing_ok=True)  # the engine itself is tied to this GPU: keep its sidecar only
+    if not report.passed:
+        raise AssertionError(f"engine vs reference: {report}")
+    return (f"TensorRT {sidecar['tensorrt_version']} FP16 engine built in {sidecar['build_seconds']} s; "
+            f"check: {report}")
+
+
+def item_aot(device: torch.device, out: Path, config_name: str, quick: bool, progress: bool) -> str:
+    if device.type != "cuda":
+        raise Skip("no local GPU: the CI gate compiles for sm_80, sm_87 and sm_90 instead "
+                   "(benchmarks/results/kernels-aot/)")
+    major, minor = torch.cuda.get_device_capability(device)
+    target = f"sm_{major}{minor}"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-m", "stt_fast", "kernels", "aot", "--targets", target,
+                             "--config", config_name, "--output", str(out), "--check", "--quiet"],
+                            capture_output=True, text=True, env=env, timeout=3600)
+    if "unknown targets" in result.stderr:
+        raise Skip(f"{target} is not one of the compile matrix's targets")
+    if result.returncode:
+        raise AssertionError(result.stdout.strip().splitlines()[-1] if result.stdout.strip() else result.stderr)
+    return f"compile facts for {target}: " + next((line for line in result.stdout.splitlines()
+                                                   if line.startswith("Gate:")), "see kernels-aot/")
+
+
+# --- running them --------------------------------------------------------------------------------------
+
+def run_selftest(output: str | os.PathLike = "results/selftest", *, device: str | None = None,
+                 config_name: str = "paper", quick: bool = False, progress: bool = True,
+                 echo: Callable[[str], None] = print) -> tuple[list[Item], Path]:
+    """Run every item, write OUTPUT/<machine>/<time>/ and return (items, the folder)."""
+    from stt_fast.benchmarks.machine import machine_header
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    config = get_config(config_name)
+    header = machine_header(device)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    folder = Path(output) / header["slug"] / stamp
+    folder.mkdir(parents=True, exist_ok=False)
+    plan = [
+        ("kernels", lambda: item_kernels(device, folder, config, quick)),
+        ("cuda-graphs", lambda: item_cuda_graphs(device, folder, config, quick)),
+        ("backends", lambda: item_backends(device, folder, config, quick)),
+        ("no-host-sync", lambda: item_no_host_sync(device, folder, config, quick)),
+        ("kernel-bench", lambda: item_kernel_bench(device, folder, config, quick)),
+        ("bench", lambda: item_bench(device, folder, config_name, quick, progress)),
+        ("tensorrt", lambda: item_tensorrt(device, folder, config, quick)),
+        ("aot", lambda: item_aot(device, folder, config_name, quick, progress)),
+    ]
+    items = []
+    for name, run in plan:
+        item = Item(name)
+        echo(f"[selftest] {name} ...")
+        started = time.perf_counter()
+        try:
+            item.detail, item.status = run(), "passed"
+        except Skip as e:
+            item.detail = str(e)
+        except Exception as e:  # a failed item is the finding; the others still run
+            item.status, item.detail = "failed", f"{type(e).__name__}: {e}"
+            write_text_atomic(folder / f"{name}.traceback.txt", traceback.format_exc())
+        item.seconds = round(time.perf_counter() - started, 1)
+        echo(f"[selftest] {name}: {item.status} ({item.seconds} s) {item.detail[:300]}")
+        items.append(item)
+    write_text_atomic(folder / "selftest.json", json.dumps({
+        "schema": 1, "created": stamp, "machine": header, "config_name": config_name, "quick": quick,
+        "items": [asdict(i) for i in items],
+        "files": sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())}, indent=1, default=str))
+    write_text_atomic(folder / "SUMMARY.md", summary(items, header, config_name, stamp))
+    return items, folder
+
+
+def summary(items: list[Item], header: dict, config_name: str, stamp: str) -> str:
+    gpu = header.get("gpu")
+    device = (f"{gpu['name']} (compute capability {gpu['compute_capability']}, {gpu.get('memory_gib')} GiB), "
+              f"driver {header.get('driver')}, CUDA {header.get('cuda')}") if gpu else \
+        f"{header['cpu']} ({header['cpu_count']} cores), no GPU"
+    versions = ", ".join(f"{k} {header[k]}" for k in ("torch", "triton", "onnxruntime", "openvino", "tensorrt")
+                         if header.get(k))
+    counts = {s: sum(i.status == s for i in items) for s in ("passed", "failed", "skipped")}
+    lines = [f"# stt-fast selftest: {header['slug']} ({stamp})", "",
+             f"- machine: {device}", f"- software: python {header.get('python')}, {versions}",
+             f"- stt_fast {header.get('stt_fast')}, source revision {header.get('source_revision') or 'unknown'}",
+             f"- config: {config_name}", f"- result: {counts['passed']} passed, {counts['failed']} failed, "
+                                         f"{counts['skipped']} skipped", "",
+             "| item | status | seconds | detail |", "|---|---|---:|---|"]
+    for item in items:
+        detail = item.detail.replace("|", "/").replace("\n", " ")
+        lines.append(f"| {item.name} | {item.status.upper() if item.status == 'failed' else item.status} | "
+                     f"{item.seconds} | {detail} |")
+    lines += ["", "Send this folder back (SUMMARY.md first): it is what a GPU could verify of stt_fast."]
+    return "\n".join(lines) + "\n"
