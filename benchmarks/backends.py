@@ -141,11 +141,12 @@ def _stt_fast(dtype: torch.dtype, backend: str = "auto"):
 
         def make():
             cache = workdir / f"cache-{backend}-{dtype}"
-            options = {"cache_dir": cache} if backend in ("auto", "onnxruntime") and device.type == "cpu" else {}
+            exported = backend in ("auto", "onnxruntime", "openvino") and device.type == "cpu"
+            options = {"cache_dir": cache} if exported else {}
             compiled = stt_fast.compile(model, device=device, dtype=dtype, backend=backend, validate=False,
                                         **options)
-            size = sum(f.stat().st_size for f in cache.rglob("*.onnx")) if compiled.backend == "onnxruntime" \
-                else _param_bytes(compiled.program)
+            graphs = [f.stat().st_size for f in cache.rglob("*.onnx")]
+            size = sum(graphs) if graphs else _param_bytes(compiled.program)
             note = f"backend={compiled.backend}"
             if compiled.fallback_reason:
                 note += f" (fell back: {compiled.fallback_reason})"

@@ -44,7 +44,8 @@ def run(configs=("tiny", "paper"), clips_per_class: int = 10, batch_size: int = 
                                   checkpoint=str(checkpoint), device="cpu", batch_size=batch_size, fmt="parquet",
                                   ray_address=ray_address, workers=workers)
                 rows.append({"config": name, "plan": label, "workers": workers, "clips": result.written,
-                             "seconds": round(result.seconds, 2), "clips_per_second": round(result.clips_per_second, 3)})
+                             "seconds": round(result.seconds, 2),
+                             "clips_per_second": round(result.clips_per_second, 3)})
                 if progress:
                     print(f"[bench annotate] {name}, {label}: {result.written} clips in {result.seconds:.1f} s, "
                           f"{result.clips_per_second:.2f} clips/s")

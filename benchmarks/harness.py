@@ -223,14 +223,20 @@ def _limits(records: list[dict], config, ceilings: dict, header: dict) -> None:
                 b["noisy"] = "; ".join(reasons)
 
 
+# stt_fast.compile's backend -> the row that runs that backend explicitly
+EXPLICIT_ROWS = {"onnxruntime": "stt_fast-onnxruntime-fp32", "torch": "stt_fast-torch-fp32"}
+
+
 def _same_graph_notes(records: list[dict]) -> None:
-    """stt_fast-fp32 on the CPU is ONNX Runtime on stt_fast's graph: the same engine as
-    stt_fast-onnxruntime-fp32, not a second one. Say so on both rows."""
+    """stt_fast-fp32 runs compile's default backend; when another row runs that same backend explicitly
+    (ONNX Runtime on stt_fast's graph, say), they are one engine, not two. Say so on both rows."""
     by_name = {r["backend"]: r for r in records}
-    auto, ort = by_name.get("stt_fast-fp32"), by_name.get("stt_fast-onnxruntime-fp32")
-    if auto and ort and "backend=onnxruntime" in auto.get("notes", "") and "batches" in ort:
-        auto["same_as"] = ort["backend"]
-        ort["same_as"] = auto["backend"]
+    auto = by_name.get("stt_fast-fp32")
+    for backend, name in EXPLICIT_ROWS.items():
+        twin = by_name.get(name)
+        if auto and twin and f"backend={backend}" in auto.get("notes", "") and "batches" in twin:
+            auto["same_as"] = twin["backend"]
+            twin["same_as"] = auto["backend"]
 
 
 def run_suite(config_name: str = "paper", *, batch_sizes: list[int] | None = None, backends: list[str] | None = None,

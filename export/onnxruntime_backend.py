@@ -13,12 +13,11 @@ import os
 import torch
 from torch import nn
 
-from stt_fast.files import cache_root
 from stt_fast.inputs import clips_to_float
 from stt_fast.model import STT
 
-from .onnx_cache import cache_key, cached_onnx
-from .onnx_export import BatchRange, graph_precision
+from .onnx_cache import program_graph
+from .onnx_export import graph_precision
 from .parity import ort_session, run_session
 
 
@@ -58,8 +57,6 @@ def compile_onnxruntime(model: STT, *, device: torch.device, dtype: torch.dtype,
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
     else:
         providers = ["CPUExecutionProvider"]
-    batch = BatchRange(1, 8, 64)
-    folder = cache_root("onnx", cache_dir) / cache_key(model, precision, str(batch))
-    session = ort_session(cached_onnx(model, folder, precision=precision, batch=batch), providers)
+    session = ort_session(program_graph(model, precision, cache_dir), providers)
     return CompiledSTT(SessionModule(session, device), config=model.config, device=device, dtype=dtype,
                        backend="onnxruntime")

@@ -150,7 +150,7 @@ def item_backends(device: torch.device, out: Path, config: STTConfig, quick: boo
                   ("torch", torch.float16), ("torch", torch.float32), ("onnxruntime", torch.float32),
                   ("tensorrt", torch.float16)]
     else:
-        plans += [("torch", torch.float32), ("onnxruntime", torch.float32)]
+        plans += [("torch", torch.float32), ("onnxruntime", torch.float32), ("openvino", torch.float32)]
     lines, failures, records = [], [], []
     with tempfile.TemporaryDirectory(prefix="stt_fast-selftest-") as cache:
         for backend, dtype in plans:
@@ -159,7 +159,7 @@ def item_backends(device: torch.device, out: Path, config: STTConfig, quick: boo
                 lines.append(f"{name}: skipped ({triton_problem(model, device)})")
                 continue
             # the exported graphs and engines go to a scratch cache (auto is onnxruntime on the CPU)
-            cached = backend in ("onnxruntime", "tensorrt") or (backend == "auto" and device.type == "cpu")
+            cached = backend in ("onnxruntime", "openvino", "tensorrt") or (backend == "auto" and device.type == "cpu")
             options = {"cache_dir": cache} if cached else {}
             try:
                 compiled = stt_fast.compile(model.to(device), device=device, dtype=dtype, backend=backend, **options)

@@ -17,7 +17,7 @@ from tests.helpers import clips, trained_looking
 from tests.test_inputs import BAD_INPUTS
 
 PRESETS = ["tiny", "tiny-joint"]
-BACKENDS = ["torch", "triton", "onnxruntime"]  # "triton" runs through TRITON_INTERPRET=1 here
+BACKENDS = ["torch", "triton", "onnxruntime", "openvino"]  # "triton" runs through TRITON_INTERPRET=1 here
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -203,7 +203,7 @@ def test_auto_backend_choice(monkeypatch):
 
     model = STT(get_config("tiny")).eval()
     assert onnxruntime_available(), "the test environment installs the export extras"
-    assert auto_candidates(model, torch.device("cpu")) == ["onnxruntime", "torch"]
+    assert auto_candidates(model, torch.device("cpu")) == ["openvino", "onnxruntime", "torch"]
     odd = STT(get_config("tiny").replace(embed_dim=48, num_heads=2)).eval()  # head dim 24: no Triton kernel
     assert auto_candidates(odd, torch.device("cuda")) == ["torch"]
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
@@ -254,29 +254,37 @@ def test_auto_falls_back_to_torch_when_the_kernels_fail(monkeypatch, caplog, fai
             explicit(x)
 
 
-def test_auto_on_the_cpu_falls_back_when_onnxruntime_fails(monkeypatch):
-    from stt_fast.export import onnxruntime_backend
+def test_auto_on_the_cpu_falls_back_from_openvino_to_onnxruntime_to_torch(monkeypatch):
+    from stt_fast.export import onnxruntime_backend, openvino_backend
 
-    def broken(*args, **kwargs):
-        raise RuntimeError("injected export failure")
+    def broken(name):
+        def build(*args, **kwargs):
+            raise RuntimeError(f"injected {name} failure")
 
-    monkeypatch.setattr(onnxruntime_backend, "compile_onnxruntime", broken)
-    compiled = stt_fast.compile(trained_looking(get_config("tiny")))
-    assert compiled.backend == "torch" and "injected export failure" in compiled.fallback_reason
-    assert compiled.validation.passed
+        return build
+
+    model = trained_looking(get_config("tiny"))
+    monkeypatch.setattr(openvino_backend, "compile_openvino", broken("openvino"))
+    compiled = stt_fast.compile(model)
+    assert compiled.backend == "onnxruntime" and "injected openvino failure" in compiled.fallback_reason
+    monkeypatch.setattr(onnxruntime_backend, "compile_onnxruntime", broken("onnxruntime"))
+    compiled = stt_fast.compile(model)
+    assert compiled.backend == "torch" and compiled.validation.passed
+    assert "injected openvino failure" in compiled.fallback_reason
+    assert "injected onnxruntime failure" in compiled.fallback_reason
 
 
-def test_onnxruntime_backend_reuses_its_cached_export(tmp_path):
+def test_exported_graph_cache_is_reused_by_both_cpu_runtimes(tmp_path):
     model = trained_looking(get_config("tiny-joint"))
-    first = stt_fast.compile(model, cache_dir=tmp_path)
+    first = stt_fast.compile(model, backend="onnxruntime", cache_dir=tmp_path)
     assert first.backend == "onnxruntime" and first.validation.passed
     graphs = list(tmp_path.rglob("*.onnx"))
     assert len(graphs) == 1
     stamp = graphs[0].stat().st_mtime_ns
-    second = stt_fast.compile(model, cache_dir=tmp_path)
+    second = stt_fast.compile(model, backend="openvino", cache_dir=tmp_path)
     assert list(tmp_path.rglob("*.onnx")) == graphs and graphs[0].stat().st_mtime_ns == stamp
     other = trained_looking(get_config("tiny-joint"), seed=1)  # other weights: another graph
-    stt_fast.compile(other, cache_dir=tmp_path)
+    stt_fast.compile(other, backend="onnxruntime", cache_dir=tmp_path)
     assert len(list(tmp_path.rglob("*.onnx"))) == 2
     x = clips(model.config)
     torch.testing.assert_close(first(x), second(x))

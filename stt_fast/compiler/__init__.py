@@ -22,8 +22,8 @@ __all__ = ["BACKENDS", "CompiledSTT", "ValidationError", "ValidationReport", "co
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "triton", "torch", "onnxruntime", "tensorrt")
-BACKEND_OPTIONS = {"onnxruntime": {"cache_dir"},
+BACKENDS = ("auto", "triton", "torch", "onnxruntime", "openvino", "tensorrt")
+BACKEND_OPTIONS = {"onnxruntime": {"cache_dir"}, "openvino": {"cache_dir"},
                    "tensorrt": {"cache_dir", "batch", "workspace_gib", "optimization_level", "rebuild"}}
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
@@ -124,10 +124,12 @@ def auto_candidates(model: STT, device: torch.device) -> list[str]:
         _warn_once(f"stt_fast.compile: using the 'torch' backend because {problem}")
         return ["torch"]
     from stt_fast.export.onnxruntime_backend import onnxruntime_available
+    from stt_fast.export.openvino_backend import openvino_available
 
-    # On the CPU, ONNX Runtime running the exported program was measured faster than the PyTorch
-    # path (benchmarks/results/cpu-*): it is the default where it is installed.
-    return ["onnxruntime", "torch"] if onnxruntime_available() else ["torch"]
+    # On the CPU, OpenVINO and ONNX Runtime running the exported program were measured faster than the
+    # PyTorch path, OpenVINO the faster of the two (benchmarks/results/cpu-*): the first installed wins.
+    available = {"openvino": openvino_available(), "onnxruntime": onnxruntime_available(), "torch": True}
+    return [name for name, ok in available.items() if ok]
 
 
 _warned: set[str] = set()
@@ -149,6 +151,10 @@ def _build(model: STT, backend: str, device: torch.device, dtype: torch.dtype, *
         from stt_fast.export.onnxruntime_backend import compile_onnxruntime
 
         return compile_onnxruntime(model, device=device, dtype=dtype, **backend_options)
+    if backend == "openvino":
+        from stt_fast.export.openvino_backend import compile_openvino
+
+        return compile_openvino(model, device=device, dtype=dtype, **backend_options)
     log.info("stt_fast.compile: rewriting the model for the %r backend (%s, %s)", backend, device, dtype)
     program = STTProgram(model, ops=backend, channels_last=channels_last).to(device, dtype).eval()
     return CompiledSTT(program, config=model.config, device=device, dtype=dtype, backend=backend,
@@ -176,14 +182,15 @@ def compile(model: STT, *, device: str | torch.device | None = None, dtype: str 
     model: a reference ``stt_fast.STT`` in eval mode (any config, with its weights); it is not modified.
     device: where the compiled module runs; defaults to the model's device.
     dtype: compute precision; float16 by default on CUDA, float32 on the CPU; bfloat16 available.
-    backend: "auto" ("triton" on CUDA GPUs of sm_80 and newer, else "torch"; on the CPU "onnxruntime"
-        where installed, else "torch"); "triton" (fused Triton attention and add+LayerNorm kernels);
-        "torch" (PyTorch only: SDPA over regrouped tokens, folded BatchNorm, channels_last);
-        "onnxruntime" (the same program exported to ONNX, cached on disk, run by ONNX Runtime);
-        "tensorrt" (an FP16 TensorRT engine, built or reused from a cache; see stt_fast.export).
-        With "auto", a backend that fails to build, compile its kernels, launch them or validate on
-        this machine is replaced by the next one ("triton" -> "torch", "onnxruntime" -> "torch"): the
-        reason is logged once and kept as ``.fallback_reason``. A backend named explicitly raises.
+    backend: "auto" ("triton" on CUDA GPUs of sm_80 and newer, else "torch"; on the CPU "openvino",
+        else "onnxruntime", else "torch", the first installed); "triton" (fused Triton attention and
+        add+LayerNorm kernels); "torch" (PyTorch only: SDPA over regrouped tokens, folded BatchNorm,
+        channels_last); "onnxruntime" and "openvino" (the same program exported to ONNX, cached on disk,
+        run by ONNX Runtime or by OpenVINO's CPU plugin); "tensorrt" (an FP16 TensorRT engine, built or
+        reused from a cache; see stt_fast.export). With "auto", a backend that fails to build, compile
+        its kernels, launch them or validate on this machine is replaced by the next one ("triton" ->
+        "torch"; "openvino" -> "onnxruntime" -> "torch"): the reason is logged once and kept as
+        ``.fallback_reason``. A backend named explicitly raises.
     cuda_graphs: on CUDA, capture one graph per input shape (at most ``max_graphs``, least recently
         used evicted) so that small batches are not launch-bound.
     validate: run the reference and the compiled module side by side on probe clips and raise
@@ -191,8 +198,8 @@ def compile(model: STT, *, device: str | torch.device | None = None, dtype: str 
         tolerance (stt_fast.accuracy.TOLERANCES); the report is kept as ``.validation``. Without it,
         backend="auto" still runs one probe clip, so that a backend that cannot run falls back.
     channels_last: run the backbone's convolutions on channels_last activations.
-    backend_options: options of the "onnxruntime" and "tensorrt" backends (cache_dir; for tensorrt also
-        batch, workspace_gib, optimization_level, rebuild: see stt_fast.export.tensorrt_backend).
+    backend_options: options of the "onnxruntime", "openvino" and "tensorrt" backends (cache_dir; for
+        tensorrt also batch, workspace_gib, optimization_level, rebuild: see stt_fast.export.tensorrt_backend).
 
     Every backend applies the same rewrites (stt_fast.compiler.program): BatchNorm folding, packed
     qkv, proj and temporal_fc folded, fused residual + LayerNorm, last block pruned to the cls row.
