@@ -25,7 +25,6 @@ import copy
 import importlib.util
 import shutil
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,6 +161,8 @@ def _ort_unavailable(device: torch.device) -> str | None:
 
 
 def _plain_onnx(model: STT, workdir: Path) -> Path:
+    from stt_fast.export.onnx_export import quiet_exporter
+
     """The reference model exported as a user would: torch.onnx.export with a dynamic batch (shared by
     the ONNX Runtime and OpenVINO peers)."""
     path = workdir / "plain-reference.onnx"
@@ -169,8 +170,7 @@ def _plain_onnx(model: STT, workdir: Path) -> Path:
         c = model.config
         example = torch.rand(2, c.num_frames, 3, c.image_size, c.image_size)
         reference = copy.deepcopy(model).cpu().float().eval()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with quiet_exporter():
             torch.onnx.export(reference, (example,), str(path), dynamo=True, input_names=["clips"],
                               output_names=["logits"], verbose=False,
                               dynamic_shapes={"clips": {0: torch.export.Dim("batch", min=1, max=4096)}})

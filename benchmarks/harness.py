@@ -5,8 +5,9 @@ backend's first call (compilation, autotuning, graph capture happen there) and i
 the float32 reference on the same inputs (relative and max error, top-1 agreement), and the memory
 that call needed (CUDA: allocated beyond what was held before it; CPU: the process's peak RSS); then
 the steady-state latency of all backends, timed in interleaved rounds so that a slow spell of the
-machine hits them alike (median, p90, p99), and throughput. With a labelled set: WAR and UAR and their
-difference to the reference.
+machine hits them alike (median, p90, p99; each backend's turn starts with an untimed call, so that the
+switch from another runtime is not timed: benchmarks/timing.py), and throughput. With a labelled set:
+WAR and UAR and their difference to the reference.
 
 Speed is given as ratios measured in the same run: to eager-fp32, and to the fastest peer of the same
 precision family (fp32, or half: fp16/bf16), the peers being what a user would run instead
@@ -133,7 +134,7 @@ def run_batch(records: list[dict], builts: list[Built], batch: int, clips: torch
         fns[record["backend"]] = lambda b=built, x=x: b.run(x)
         bar.update()
     bar.close()
-    runs = 5
+    runs = 6
     bar = progress_bar(desc=f"[bench] batch {batch}: timing", total=runs * len(fns), enabled=progress, unit="run")
 
     def on_run(name: str) -> None:
@@ -142,7 +143,9 @@ def run_batch(records: list[dict], builts: list[Built], batch: int, clips: torch
         bar.set_postfix_str(name)
         bar.update()
 
-    timings = measure_interleaved(fns, device, warmup=2, min_runs=runs, min_seconds=min_seconds, on_run=on_run)
+    # rounds of one untimed call (after the switch from another runtime) and two timed ones per backend
+    timings = measure_interleaved(fns, device, warmup=2, min_runs=runs, min_seconds=min_seconds, runs_per_round=2,
+                                  settle=1, on_run=on_run)
     bar.close()
     for record in records:
         entry = entries.get(record["backend"])

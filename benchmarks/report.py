@@ -45,7 +45,7 @@ def _machine_line(r: dict) -> str:
         device = f"{g['name']} (sm {g['compute_capability']}), driver {m.get('driver')}, CUDA {m.get('cuda')}"
     else:
         device = f"{m['cpu']}, {m['cpu_count']} cores (CPU)"
-    versions = ", ".join(f"{k} {m[k]}" for k in ("torch", "triton", "onnxruntime", "tensorrt") if m.get(k))
+    versions = ", ".join(f"{k} {m[k]}" for k in ("torch", "triton", "onnxruntime", "openvino", "tensorrt") if m.get(k))
     c = r["ceilings"]
     return (f"{device}; {versions}; measured peak {c['matmul_tflops']} TFLOP/s ({c['matmul_dtype']} "
             f"{c['matmul_size']}^3 matmul), copy {c['copy_gbps']} GB/s")

@@ -5,7 +5,10 @@ Reported: median, p90, p99, mean, min.
 
 measure() times one function. measure_interleaved() times several functions in round-robin rounds,
 so that a slow spell of a shared or throttling machine hits all of them alike and the ratios between
-them, which is what the suite reports, stay fair.
+them, which is what the suite reports, stay fair. Switching between runtimes disturbs the first call
+after the switch (measured on the 2-core CPU: OpenVINO at 160 ms alone, 190-198 ms right after a
+PyTorch call, whose weights and threads took the caches and cores): with settle=1 each turn starts with
+an untimed call, so that every function is timed as it runs when it runs alone.
 """
 
 from __future__ import annotations
@@ -75,10 +78,11 @@ def measure(fn: Callable[[], object], device: torch.device | str = "cpu", *, war
 
 def measure_interleaved(fns: dict[str, Callable[[], object]], device: torch.device | str = "cpu", *,
                         warmup: int = 3, min_runs: int = 10, max_runs: int = 200, min_seconds: float = 1.0,
-                        runs_per_round: int = 1, on_run: Callable[[str], None] | None = None) -> dict[str, Timing]:
-    """Time each function: rounds of `runs_per_round` calls of each in turn, until every one has at least
-    min_runs runs and at least min_seconds of its own run time (at most max_runs). on_run(name) is
-    called after each timed run (progress)."""
+                        runs_per_round: int = 1, settle: int = 0,
+                        on_run: Callable[[str], None] | None = None) -> dict[str, Timing]:
+    """Time each function: rounds of `settle` untimed then `runs_per_round` timed calls of each in turn,
+    until every one has at least min_runs runs and at least min_seconds of its own run time (at most
+    max_runs). on_run(name) is called after each timed run (progress)."""
     device = torch.device(device)
     for fn in fns.values():
         for _ in range(warmup):
@@ -93,6 +97,9 @@ def measure_interleaved(fns: dict[str, Callable[[], object]], device: torch.devi
     while any(more(name) for name in fns):
         for name, fn in fns.items():
             if more(name):
+                for _ in range(settle):
+                    fn()
+                synchronize(device)
                 for _ in range(runs_per_round):
                     samples[name].append(time_once(fn, device))
                     if on_run is not None:

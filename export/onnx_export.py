@@ -16,6 +16,7 @@ casts it.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -106,6 +107,20 @@ def onnx_metadata(model: STT, *, precision: str, input_dtype: str, opset: int, a
             "stt_fast.checkpoint_sha256": checkpoint_sha256 or ""}
 
 
+@contextlib.contextmanager
+def quiet_exporter():
+    """torch.onnx's own notices ("torchvision is not installed", deprecations) kept off the user's terminal."""
+    exporter_log = logging.getLogger("torch.onnx")
+    level = exporter_log.level
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exporter_log.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            exporter_log.setLevel(level)
+
+
 def export_onnx(model: STT, path: str | os.PathLike, *, precision: str = "fp32", input_dtype: str = "float32",
                 opset: int | None = None, attention_op: bool = False, batch: BatchRange | None = None,
                 checkpoint_sha256: str | None = None) -> Path:
@@ -130,17 +145,10 @@ def export_onnx(model: STT, path: str | os.PathLike, *, precision: str = "fp32",
     example = torch.randint(0, 256, (2, c.num_frames, 3, c.image_size, c.image_size), dtype=torch.uint8)
     example = example if input_dtype == "uint8" else example.float() / 255
     dynamic = {INPUT_NAME: {0: torch.export.Dim("batch", min=1, max=MAX_DYNAMIC_BATCH)}}
-    exporter_log = logging.getLogger("torch.onnx")  # "torchvision is not installed" notices: not ours
-    level = exporter_log.level
-    with atomic_output(path) as tmp, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        exporter_log.setLevel(logging.ERROR)
-        try:
-            onnx_program = torch.onnx.export(program, (example,), dynamo=True, input_names=[INPUT_NAME],
-                                             output_names=[OUTPUT_NAME], dynamic_shapes=dynamic,
-                                             opset_version=opset, verbose=False)
-        finally:
-            exporter_log.setLevel(level)
+    with atomic_output(path) as tmp, quiet_exporter():
+        onnx_program = torch.onnx.export(program, (example,), dynamo=True, input_names=[INPUT_NAME],
+                                         output_names=[OUTPUT_NAME], dynamic_shapes=dynamic,
+                                         opset_version=opset, verbose=False)
         proto = onnx_program.model_proto
         meta = onnx_metadata(model, precision=precision, input_dtype=input_dtype, opset=opset,
                              attention_op=attention_op, batch=batch, checkpoint_sha256=checkpoint_sha256)

@@ -114,7 +114,7 @@ def batch_range(text: str) -> str:
 def _setup_logging(quiet: bool) -> None:
     """stt_fast's stage messages (INFO) on stderr, unless --quiet."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("[%(name)s] %(message)s"))
+    handler.setFormatter(logging.Formatter("%(message)s"))  # the messages name their source ("stt_fast.compile: ...")
     logger = logging.getLogger("stt_fast")
     logger.handlers[:] = [handler]
     logger.setLevel(logging.WARNING if quiet else logging.INFO)

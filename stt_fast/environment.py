@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-OPTIONAL_PACKAGES = ("triton", "numpy", "onnx", "onnxruntime", "onnxscript", "onnxsim", "onnxslim",
+OPTIONAL_PACKAGES = ("triton", "numpy", "onnx", "onnxruntime", "onnxscript", "onnxsim", "onnxslim", "openvino", "ray",
                      "tensorrt", "safetensors", "pycuda")
 
 
