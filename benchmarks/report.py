@@ -118,8 +118,20 @@ def markdown(results: list[dict]) -> str:
             notes.append(f"- noisy measurements ({r.get('noise_rule', 'spread or ceiling')}): " + "; ".join(noisy))
         if notes:
             parts.append("\n" + "\n".join(notes))
+        analysis = _analysis(r)
+        if analysis:
+            parts.append(f"\n{analysis}")
         parts.append("")
     return "\n".join(parts)
+
+
+def _analysis(result: dict) -> str:
+    """The maintainers' reading of a machine's runs, kept beside its results as <config>.notes.md (what
+    was tried, measured, and what stands in the way of a target)."""
+    if "_path" not in result:
+        return ""
+    notes = Path(result["_path"]).parent / f"{result['config_name']}.notes.md"
+    return notes.read_text().strip() if notes.is_file() else ""
 
 
 def _fastest_peers(result: dict) -> dict[tuple[str, int], tuple[float, str]]:

@@ -278,3 +278,12 @@ def test_kernel_microbenchmark_on_the_cpu():
         for impl in ("sdpa-math", "reference"):
             row = rows[(mode, impl)]
             assert row["relative_error"] < 1e-5 and row["tflops"] > 0 and row["gbps"] > 0
+
+
+def test_a_machines_notes_are_shown_under_its_table(suite, tmp_path):
+    result, path = suite
+    folder = tmp_path / result["machine"]["slug"]
+    folder.mkdir()
+    (folder / "run.json").write_text(path.read_text())
+    (folder / f"{result['config_name']}.notes.md").write_text("**Reading it.** What was tried, measured.")
+    assert "**Reading it.** What was tried, measured." in markdown(load_results(tmp_path))

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from stt_fast import get_config, save_checkpoint
@@ -377,3 +378,63 @@ def test_every_command_imports_only_what_its_extras_install(synth_root, checkpoi
             distribution = distribution.lower().replace("_", "-")
             assert distribution in installed, (f"stt-fast {name} imports {module}, which README's extras for it "
                                                f"({sorted(documented[name]) or 'none'}) do not install")
+
+
+def test_export_exits_1_when_the_graph_does_not_match_the_reference(checkpoint, tmp_path, monkeypatch, capsys):
+    """The parity check decides the exit status: an exported graph computing something else fails it."""
+    from stt_fast.export import onnx_export
+
+    original = onnx_export.export_program
+
+    def wrong_program(model, **kwargs):
+        program = original(model, **kwargs)
+        with torch.no_grad():
+            program.head.bias.add_(1.0)  # every logit moved: the graph no longer computes the model
+        return program
+
+    monkeypatch.setattr(onnx_export, "export_program", wrong_program)
+    assert main(["export", str(checkpoint), "-o", str(tmp_path / "m.onnx"), "--quiet"]) == 1
+    out = capsys.readouterr().out
+    assert "parity with the reference: FAILED" in out
+    assert json.loads((tmp_path / "m.onnx.parity.json").read_text())["passed"] is False
+
+
+def test_export_shows_its_stages(checkpoint, tmp_path, capsys):
+    assert main(["export", str(checkpoint), "-o", str(tmp_path / "m.onnx"), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "[export] fp32 graph ->" in out and "exported in" in out and "simplified with" in out
+
+
+def test_progress_bars_only_on_a_terminal_and_not_when_quiet(monkeypatch):
+    from stt_fast.progress import progress_bar
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    assert not progress_bar(range(3), desc="x").disable
+    assert progress_bar(range(3), desc="x", enabled=False).disable
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
+    assert progress_bar(range(3), desc="x").disable, "piped or logged output gets no bar"
+
+
+def test_compile_logs_its_stages_and_where_the_cache_lives(tmp_path, caplog):
+    import stt_fast
+
+    model = trained_looking(get_config("tiny"))
+    with caplog.at_level("INFO", logger="stt_fast"):
+        stt_fast.compile(model, backend="onnxruntime", cache_dir=tmp_path)
+        stt_fast.compile(model, backend="onnxruntime", cache_dir=tmp_path)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("exporting the program to ONNX" in m and str(tmp_path) in m for m in messages)
+    assert any("reusing the exported program cached in" in m for m in messages)
+    assert any("validating the 'onnxruntime' backend" in m for m in messages)
+
+
+def test_the_project_stands_alone():
+    """Nothing in the project points at the developers' workshop outside the repository."""
+    workshop = "../" + "shared"  # spelled in two parts so that this file does not match itself
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split()
+    if not tracked:
+        pytest.skip("not a git checkout")
+    for name in tracked:
+        path = ROOT / name
+        if path.suffix in (".py", ".md", ".toml", ".sh", ".cfg", ".txt") or path.name in ("Makefile", "run"):
+            assert workshop not in path.read_text(errors="replace"), f"{name} points at {workshop}"
