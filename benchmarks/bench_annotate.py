@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import tempfile
 from pathlib import Path
 
@@ -22,10 +21,9 @@ from stt_fast.annotate import annotate
 from stt_fast.checkpoint import save_checkpoint
 from stt_fast.config import get_config
 from stt_fast.data.synthetic import SynthConfig, write_synthetic_dfew
-from stt_fast.files import write_text_atomic
 from stt_fast.model import STT
 
-from .machine import machine_header
+from .machine import machine_header, store_result
 
 PLANS = (("in-process", None, 1), ("ray local, 1 worker", "local", 1), ("ray local, 2 workers", "local", 2))
 
@@ -54,11 +52,7 @@ def run(configs=("tiny", "paper"), clips_per_class: int = 10, batch_size: int = 
               "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "machine": header, "batch_size": batch_size, "clips_per_class": clips_per_class, "rows": rows,
               "note": "wall time of whole runs: decoding, inference, writing; with Ray, cluster and actor start-up"}
-    path = None
-    if output_dir is not None:
-        stamp = result["created"].replace(":", "").replace("-", "").replace("+0000", "Z")
-        path = Path(output_dir) / header["slug"] / "annotate" / f"{stamp}.json"
-        write_text_atomic(path, json.dumps(result, indent=1))
+    path = store_result(result, output_dir, "annotate", name="annotate") if output_dir is not None else None
     return result, path
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import json
 from pathlib import Path
 
 import torch
@@ -25,9 +24,8 @@ from stt_fast.kernels.st_attention import HAS_TRITON
 
 from stt_fast.accuracy import relative_error
 from stt_fast.bounds import attention_work, gpu_spec, roofline
-from stt_fast.files import write_text_atomic
 
-from .machine import machine_header, measure_ceilings
+from .machine import machine_header, measure_ceilings, store_result
 from .timing import measure
 
 MODES = ("joint", "spatial", "temporal")
@@ -107,11 +105,7 @@ def run(batch_sizes=(1, 8, 64), dtype: str = "fp16", device: str | None = None, 
               "machine": header, "ceilings": ceilings, "dtype": dtype,
               "shape": {"frames": frames, "patches": patches, "heads": heads, "head_dim": head_dim},
               "rows": rows}
-    path = None
-    if output_dir is not None:
-        stamp = result["created"].replace(":", "").replace("-", "").replace("+0000", "Z")
-        path = Path(output_dir) / header["slug"] / "st_attention" / f"{stamp}-{dtype}.json"
-        write_text_atomic(path, json.dumps(result, indent=1))
+    path = store_result(result, output_dir, "st_attention", name=dtype) if output_dir is not None else None
     return result, path
 
 

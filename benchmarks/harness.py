@@ -25,8 +25,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import gc
-import json
-import math
 import resource
 import tempfile
 import traceback
@@ -37,13 +35,13 @@ import torch
 from stt_fast.accuracy import logits_agreement
 from stt_fast.checkpoint import load_checkpoint
 from stt_fast.config import get_config
-from stt_fast.files import sha256_file, write_text_atomic
+from stt_fast.files import sha256_file
 from stt_fast.flops import model_cost, program_flops
 from stt_fast.model import STT
 from stt_fast.progress import progress_bar
 
 from .backends import BACKENDS, REFERENCE, Backend, Built, resolve
-from .machine import best_ceilings, machine_header, measure_ceilings
+from .machine import best_ceilings, machine_header, measure_ceilings, store_result
 from .timing import measure_interleaved, time_once
 
 SCHEMA = 2
@@ -313,16 +311,6 @@ def run_suite(config_name: str = "paper", *, batch_sizes: list[int] | None = Non
                       "measured matmul peak",
         "results": records,
     }
-    path = None
-    if output_dir is not None:
-        stamp = result["created"].replace(":", "").replace("-", "").replace("+0000", "Z")
-        label = result["config_name"].replace(":", "-").replace("/", "-")
-        path = Path(output_dir) / header["slug"] / f"{stamp}-{label}.json"
-        write_text_atomic(path, json.dumps(result, indent=1, default=_json_default))
+    label = result["config_name"].replace(":", "-").replace("/", "-")
+    path = store_result(result, output_dir, name=label) if output_dir is not None else None
     return result, path
-
-
-def _json_default(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")

@@ -1,21 +1,31 @@
 """The machine a result was measured on, and its measured ceilings.
 
-The ceilings are measured, not taken from datasheets: a large matrix product (float16 on a GPU,
-float32 on a CPU) for the arithmetic peak, and a large device copy (bytes read + written) for the
+Results are stored per machine (store_result). The ceilings are measured, not taken from datasheets:
+a large matrix product (float16 on a GPU, float32 on a CPU) for the arithmetic peak, and a large device copy (bytes read + written) for the
 memory bandwidth, each the fastest of many runs; the suite measures them before and after its runs
 and keeps the higher. Each result's "fraction of the limit" is model FLOPs / time / matmul peak.
 """
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
 import torch
 
 from stt_fast.environment import environment_info, machine_slug
+from stt_fast.files import write_text_atomic
 
 from .timing import measure
+
+
+def store_result(result: dict, output_dir, *folders: str, name: str) -> Path:
+    """Write a result as OUTPUT_DIR/<machine slug>/<folders...>/<created stamp>-<name>.json (atomically)."""
+    stamp = result["created"].replace(":", "").replace("-", "").replace("+0000", "Z")
+    path = Path(output_dir) / result["machine"]["slug"] / Path(*folders) / f"{stamp}-{name}.json"
+    write_text_atomic(path, json.dumps(result, indent=1))
+    return path
 
 
 def source_revision() -> str | None:
