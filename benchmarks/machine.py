@@ -3,7 +3,8 @@
 Results are stored per machine (store_result). The ceilings are measured, not taken from datasheets:
 a large matrix product (float16 on a GPU, float32 on a CPU) for the arithmetic peak, and a large device
 copy (bytes read + written) for the memory bandwidth, each the fastest of many runs; the suite measures
-them before and after its runs and keeps the higher. Each result's "fraction of the limit" is model FLOPs / time / matmul peak.
+them before and after its runs and keeps the higher. Each result's "fraction of the limit" is model
+FLOPs / time / matmul peak.
 """
 
 from __future__ import annotations
