@@ -82,9 +82,12 @@ def test_in_process_equals_predict_and_a_bad_file_carries_its_error(collection, 
 
 
 @pytest.mark.slow
-def test_a_killed_run_resumes_without_loss_or_duplicates(collection, tmp_path):
-    """SIGKILL mid-run (the paper-size model, one clip per part, so that the run is slow enough to be
-    caught), then the same command again: complete, each clip once, and no half-written part ever."""
+def test_a_killed_run_resumes_without_loss_or_duplicates(tmp_path):
+    """SIGKILL mid-run (42 clips, the paper-size model, one clip per part: a run of over ten seconds, long
+    enough to be caught in the middle), then the same command again: complete, each clip once, and no
+    half-written part ever."""
+    collection = write_synthetic_dfew(tmp_path / "videos", SynthConfig(clips_per_class=6, video_fraction=0.0),
+                                      progress=False)
     checkpoint = save_checkpoint(trained_looking(get_config("paper")), tmp_path / "paper.safetensors")
     out = tmp_path / "out"
     command = [os.path.join(os.path.dirname(sys.executable), "stt-fast"), "annotate", str(collection), "--checkpoint",
@@ -96,13 +99,13 @@ def test_a_killed_run_resumes_without_loss_or_duplicates(collection, tmp_path):
     process.send_signal(signal.SIGKILL)
     process.wait()
     parts = list(out.glob("part-*.jsonl"))
-    assert 3 <= len(parts) < 15, "killed in the middle"
+    assert 3 <= len(parts) < 42, "killed in the middle"
     for part in parts:  # every complete part reads back whole
         assert all(json.loads(line)["path"] for line in part.read_text().splitlines())
     finished = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert finished.returncode == 0, finished.stderr
     rows = read_rows(out)
-    assert len(_by_path(rows)) == 15 and not list(out.glob(".part-*"))
+    assert len(_by_path(rows)) == 42 and not list(out.glob(".part-*"))
     assert f"{len(parts)} already in" in finished.stdout
 
 
