@@ -122,42 +122,43 @@ def _train_args(data, run, *extra):
             "--quiet", *extra]
 
 
-def test_resume_continues_with_the_runs_own_options(synth_root, tmp_path, capsys):
+def test_resume_continues_with_the_runs_own_options(synth_root, tmp_path):
     run = tmp_path / "run"
-    assert main(_train_args(synth_root, run, "--epochs", "1", "--optimizer", "adamw", "--lr", "1e-3",
-                            "--clip-grad", "1", "--crop-scale", "0.5:1")) == 0
+    first = stt_fast(*_train_args(synth_root, run, "--epochs", "1", "--optimizer", "adamw", "--lr", "1e-3",
+                                  "--clip-grad", "1", "--crop-scale", "0.5:1"))
+    assert first.returncode == 0, first.stderr
     recorded = json.loads((run / "run.json").read_text())
     assert recorded["options"]["optimizer"] == "adamw" and recorded["setup"]["crop_scale"] == [0.5, 1.0]
-    capsys.readouterr()
-    # the options are not given again: they come from the run (the old code resumed with SGD and crashed)
-    assert main(["train", str(synth_root), "-o", str(run), "--resume", "--epochs", "2", "--workers", "0",
-                 "--quiet"]) == 0
-    assert "resumed" in capsys.readouterr().out
+    # the options are not given again: they come from the run (before, it resumed with SGD and crashed)
+    resumed = stt_fast("train", str(synth_root), "-o", str(run), "--resume", "--epochs", "2", "--workers", "0",
+                       "--quiet")
+    assert resumed.returncode == 0 and "resumed" in resumed.stdout, resumed.stderr
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [entry["epoch"] for entry in log] == [1, 2]
-    assert main(["train", str(synth_root), "-o", str(run), "--resume", "--epochs", "3", "--optimizer", "sgd",
-                 "--quiet"]) == 2
-    error = capsys.readouterr().err
-    assert "optimizer: the run used 'adamw', given 'sgd'" in error and error.count("\n") == 1
-    assert main(_train_args(synth_root, run, "--epochs", "1")) == 2  # a run is there: never replaced
-    assert "already holds a run" in capsys.readouterr().err
+    contradicted = stt_fast("train", str(synth_root), "-o", str(run), "--resume", "--epochs", "3", "--optimizer",
+                            "sgd", "--quiet")
+    assert contradicted.returncode == 2 and contradicted.stderr.count("\n") == 1
+    assert "optimizer: the run used 'adamw', given 'sgd'" in contradicted.stderr
+    again = stt_fast(*_train_args(synth_root, run, "--epochs", "1"))  # a run is there: never replaced
+    assert again.returncode == 2 and "already holds a run" in again.stderr
 
 
-def test_synth_refuses_a_non_empty_folder_and_force_replaces_it_whole(tmp_path, capsys):
+def test_synth_refuses_a_non_empty_folder_and_force_replaces_it_whole(tmp_path):
     out = tmp_path / "data"
-    assert main(["synth", str(out), "--clips-per-class", "3", "--quiet"]) == 0
+    assert stt_fast("synth", str(out), "--clips-per-class", "3", "--quiet").returncode == 0
     before = sorted(p.name for p in (out / "Clip" / "clip_224x224").iterdir())
-    assert main(["synth", str(out), "--clips-per-class", "1", "--quiet"]) == 2
-    assert "not empty; pass --force" in capsys.readouterr().err
+    refused = stt_fast("synth", str(out), "--clips-per-class", "1", "--quiet")
+    assert refused.returncode == 2 and "not empty; pass --force" in refused.stderr
     assert sorted(p.name for p in (out / "Clip" / "clip_224x224").iterdir()) == before, "refused means untouched"
-    assert main(["synth", str(out), "--clips-per-class", "1", "--video-fraction", "0", "--quiet", "--force"]) == 0
+    forced = stt_fast("synth", str(out), "--clips-per-class", "1", "--video-fraction", "0", "--quiet", "--force")
+    assert forced.returncode == 0
     clips = sorted(p.name for p in (out / "Clip" / "clip_224x224").iterdir())
     assert clips == [f"{i:05d}" for i in range(1, 8)], "no clip of the old set is left behind"
     assert not list((out / "Clip" / "original").iterdir())
     assert [p.name for p in tmp_path.iterdir()] == ["data"], "no partial folder is left beside it"
     (out / "notes.txt").write_text("mine")
-    assert main(["synth", str(out), "--clips-per-class", "1", "--quiet", "--force"]) == 2
-    assert "not replacing it" in capsys.readouterr().err and (out / "notes.txt").is_file()
+    foreign = stt_fast("synth", str(out), "--clips-per-class", "1", "--quiet", "--force")
+    assert foreign.returncode == 2 and "not replacing it" in foreign.stderr and (out / "notes.txt").is_file()
 
 
 def _tiny_clip_folder(path, frames=2, size=16):
