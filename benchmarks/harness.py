@@ -42,6 +42,7 @@ from stt_fast.progress import progress_bar
 
 from .backends import BACKENDS, REFERENCE, Backend, Built, resolve
 from .machine import best_ceilings, machine_header, measure_ceilings, store_result
+from .report import fastest_peers, precision_family, timed
 from .timing import measure_interleaved, time_once
 
 SCHEMA = 2
@@ -52,10 +53,6 @@ NOISY_CEILING = 1.05
 
 def default_batch_sizes(device: torch.device) -> list[int]:
     return [1, 8, 64, 256] if device.type == "cuda" else [1, 8]
-
-
-def precision_family(precision: str) -> str:
-    return "fp32" if precision == "fp32" else "half"
 
 
 @contextlib.contextmanager
@@ -154,11 +151,6 @@ def run_batch(records: list[dict], builts: list[Built], batch: int, clips: torch
         record["batches"].append(entry)
 
 
-def timed(record: dict) -> list[dict]:
-    """The batch entries of a record that were timed (not failed)."""
-    return [b for b in record.get("batches", []) if "timing" in b]
-
-
 def failures(result: dict) -> list[str]:
     """The backends that errored (at build, or at some batch size); unavailable ones are not failures."""
     found = []
@@ -175,15 +167,8 @@ def _ratios(records: list[dict]) -> None:
     """Speed-up over eager-fp32 and over the fastest peer of the same precision family, both measured in
     the same run, and labelled-set deltas to the reference."""
     ref = next((r for r in records if r["backend"] == REFERENCE), None)
-    ref_ms = {b["batch"]: b["timing"]["median_ms"] for b in timed(ref)} if ref else {}
-    fastest: dict[tuple[str, int], tuple[float, str]] = {}
-    for r in records:
-        if r["role"] != "peer":
-            continue
-        for b in timed(r):
-            key = (precision_family(r["precision"]), b["batch"])
-            if key not in fastest or b["timing"]["median_ms"] < fastest[key][0]:
-                fastest[key] = (b["timing"]["median_ms"], r["backend"])
+    ref_ms = {b["batch"]: b["timing"]["median_ms"] for b in timed(ref)}
+    fastest = fastest_peers(records)
     for r in records:
         for b in timed(r):
             ms = b["timing"]["median_ms"]

@@ -51,8 +51,26 @@ def _machine_line(r: dict) -> str:
             f"{c['matmul_size']}^3 matmul), copy {c['copy_gbps']} GB/s")
 
 
-def _timed(record: dict) -> list[dict]:
-    return [b for b in record.get("batches", []) if "timing" in b]
+def timed(record: dict | None) -> list[dict]:
+    """The batch entries of a record that were timed (not failed)."""
+    return [b for b in (record or {}).get("batches", []) if "timing" in b]
+
+
+def precision_family(precision: str) -> str:
+    return "fp32" if precision == "fp32" else "half"
+
+
+def fastest_peers(records: list[dict]) -> dict[tuple[str, int], tuple[float, str]]:
+    """(precision family, batch) -> (median ms, backend) of the fastest peer measured."""
+    fastest: dict[tuple[str, int], tuple[float, str]] = {}
+    for rec in records:
+        if rec.get("role") != "peer":
+            continue
+        for b in timed(rec):
+            key = (precision_family(rec["precision"]), b["batch"])
+            if key not in fastest or b["timing"]["median_ms"] < fastest[key][0]:
+                fastest[key] = (b["timing"]["median_ms"], rec["backend"])
+    return fastest
 
 
 def _ratio(value) -> str:
@@ -69,7 +87,7 @@ def markdown(results: list[dict]) -> str:
         parts.append(f"### {slug} / {config_name} ({r['created'][:10]})\n\n{_machine_line(r)}. "
                      f"Model: {r['model']['parameters'] / 1e6:.2f} M parameters, {gflops:.2f} GFLOPs per clip"
                      f"{executed}.\n")
-        bound = any("fraction_of_bound" in b for rec in r["results"] for b in _timed(rec))
+        bound = any("fraction_of_bound" in b for rec in r["results"] for b in timed(rec))
         parts.append("| backend | role | batch | median ms | p90 ms | p99 ms | clips/s | vs eager-fp32 | "
                      "vs fastest peer | % of peak |" + (" % of bound |" if bound else "") +
                      " first call ms | rel. error | top-1 agree |")
@@ -100,7 +118,7 @@ def markdown(results: list[dict]) -> str:
                 same = (f"; the same engine and graph as {rec['same_as']} on this machine, not a second one"
                         if rec.get("same_as") else "")
                 notes.append(f"- {rec['backend']}: built in {rec['build_seconds']:.1f} s; {rec['notes']}{same}")
-        peers = _fastest_peers(r)
+        peers = fastest_peers(r["results"])
         if peers:
             parts.append("\nFastest peer per batch size (what \"vs fastest peer\" divides by, same precision "
                          "family): " + "; ".join(f"batch {batch} {family}: {name} {ms:.2f} ms"
@@ -134,18 +152,6 @@ def _analysis(result: dict) -> str:
     return notes.read_text().strip() if notes.is_file() else ""
 
 
-def _fastest_peers(result: dict) -> dict[tuple[str, int], tuple[float, str]]:
-    fastest: dict[tuple[str, int], tuple[float, str]] = {}
-    for rec in result["results"]:
-        if rec.get("role") != "peer":
-            continue
-        for b in _timed(rec):
-            key = ("fp32" if rec["precision"] == "fp32" else "half", b["batch"])
-            if key not in fastest or b["timing"]["median_ms"] < fastest[key][0]:
-                fastest[key] = (b["timing"]["median_ms"], rec["backend"])
-    return fastest
-
-
 def plots(results: list[dict], out_dir: str | os.PathLike) -> list[Path]:
     """latency_vs_batch.png (a panel per backend, a line per machine), speedup.png, accuracy.png."""
     import matplotlib
@@ -155,7 +161,7 @@ def plots(results: list[dict], out_dir: str | os.PathLike) -> list[Path]:
 
     out_dir = Path(out_dir)
     runs = latest(results)
-    backends = sorted({rec["backend"] for r in runs.values() for rec in r["results"] if _timed(rec)})
+    backends = sorted({rec["backend"] for r in runs.values() for rec in r["results"] if timed(rec)})
     written = []
 
     def save(fig, name):
@@ -170,9 +176,9 @@ def plots(results: list[dict], out_dir: str | os.PathLike) -> list[Path]:
     fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.4 * rows), squeeze=False)
     for ax, backend in zip(axes.flat, backends):
         for (slug, config_name), r in sorted(runs.items()):
-            rec = next((x for x in r["results"] if x["backend"] == backend and _timed(x)), None)
+            rec = next((x for x in r["results"] if x["backend"] == backend and timed(x)), None)
             if rec:
-                ax.plot([b["batch"] for b in _timed(rec)], [b["timing"]["median_ms"] for b in _timed(rec)],
+                ax.plot([b["batch"] for b in timed(rec)], [b["timing"]["median_ms"] for b in timed(rec)],
                         marker="o", label=f"{slug} / {config_name}")
         ax.set(title=backend, xlabel="batch", ylabel="median latency (ms)", xscale="log", yscale="log")
         ax.legend(fontsize=6)
@@ -188,8 +194,8 @@ def plots(results: list[dict], out_dir: str | os.PathLike) -> list[Path]:
         for i, ((slug, config_name), r) in enumerate(sorted(runs.items())):
             values = []
             for backend in backends:
-                rec = next((x for x in r["results"] if x["backend"] == backend and _timed(x)), None)
-                b = _timed(rec)[-1] if rec else None  # the largest batch
+                rec = next((x for x in r["results"] if x["backend"] == backend and timed(x)), None)
+                b = timed(rec)[-1] if rec else None  # the largest batch
                 value = (b["accuracy"][key] if key == "relative_error" else b.get(key)) if b else None
                 values.append(float("nan") if value is None else max(value, 1e-12) if log else value)
             ax.bar([j + i * width for j in range(len(backends))], values, width, label=f"{slug} / {config_name}")

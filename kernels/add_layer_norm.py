@@ -95,8 +95,13 @@ def launch_arguments(x2, d2, weight, bias, y2, z2, eps: float, cls_period: int, 
     ahead-of-time compiles (kernels/aot.py). One program per row; 4 warps per 1024 columns, so that each
     thread holds 8 values of the row."""
     dim = x2.shape[-1]
-    block = triton.next_power_of_2(dim)
+    block, warps = launch_shape(dim)
     args = [x2, d2, weight, bias, y2, z2, x2.stride(0), d2.stride(0), y2.stride(0), z2.stride(0), dim, eps,
             max(cls_period, 1)]
-    return args, dict(HAS_DELTA=has_delta, SKIP_CLS=cls_period > 0, BLOCK_D=block,
-                      num_warps=min(max(block // 256, 1), 16))
+    return args, dict(HAS_DELTA=has_delta, SKIP_CLS=cls_period > 0, BLOCK_D=block, num_warps=warps)
+
+
+def launch_shape(dim: int) -> tuple[int, int]:
+    """(BLOCK_D, num_warps) for rows of dim elements."""
+    block = triton.next_power_of_2(dim)
+    return block, min(max(block // 256, 1), 16)

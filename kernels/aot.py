@@ -110,10 +110,9 @@ def attention_cases(config: STTConfig, dtypes: Sequence[str]) -> list[Case]:
 
 
 def layer_norm_cases(config: STTConfig, dtypes: Sequence[str]) -> list[Case]:
-    import triton
+    from .add_layer_norm import launch_shape
 
-    block = triton.next_power_of_2(config.embed_dim)
-    warps = min(max(block // 256, 1), 16)  # the launcher's choice (kernels/add_layer_norm.py)
+    block, warps = launch_shape(config.embed_dim)
     return [Case("add_layer_norm", "", LaunchConfig(block, 0, warps, 1), dtype) for dtype in dtypes]
 
 

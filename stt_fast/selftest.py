@@ -64,6 +64,23 @@ def _model(config: STTConfig, seed: int = 0):
     return model
 
 
+def fake_cuda_module(model, ops: str, dtype: torch.dtype, mode):
+    """A CompiledSTT whose weights are fake CUDA tensors of `mode` (a FakeTensorMode): the CUDA path without
+    a GPU. No CUDA graphs (capturing one needs a real GPU)."""
+    from .compiler import CompiledSTT
+    from .compiler.program import STTProgram
+
+    program = STTProgram(model, ops=ops).eval()
+
+    def to_fake_cuda(t: torch.Tensor) -> torch.Tensor:
+        return torch.empty_strided(t.shape, t.stride(), device="cuda",
+                                   dtype=dtype if t.is_floating_point() else t.dtype)
+
+    with mode:
+        program._apply(to_fake_cuda)
+    return CompiledSTT(program, config=model.config, device=torch.device("cuda", 0), dtype=dtype, backend=ops)
+
+
 # --- the items -----------------------------------------------------------------------------------------
 
 KERNEL_CHECK = r"""
@@ -206,17 +223,10 @@ def item_no_host_sync(device: torch.device, out: Path, config: STTConfig, quick:
             ", ".join(lines)
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from .compiler import CompiledSTT
-    from .compiler.program import STTProgram
-
     mode = FakeTensorMode()
     for ops in ("torch", "triton"):
-        program = STTProgram(model, ops=ops).eval()
+        compiled = fake_cuda_module(model, ops, torch.float16, mode)
         with mode:
-            program._apply(lambda t: torch.empty_strided(t.shape, t.stride(), device="cuda",
-                                                         dtype=torch.float16 if t.is_floating_point() else t.dtype))
-            compiled = CompiledSTT(program, config=config, device=torch.device("cuda", 0), dtype=torch.float16,
-                                   backend=ops)
             compiled(torch.empty(2, c.num_frames, 3, c.image_size, c.image_size, device="cuda"))
     return ("the CUDA path (torch and triton op sets) traced on fake CUDA tensors without a data-dependent "
             "branch; on a GPU this item checks steady-state calls with set_sync_debug_mode('error')")

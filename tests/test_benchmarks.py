@@ -4,6 +4,7 @@ plots; the regression gate fails on every kind of regression and passes an equal
 
 import copy
 import json
+import re
 
 import pytest
 import torch
@@ -138,7 +139,8 @@ def test_report_renders_tables_and_plots(suite, tmp_path):
     (tmp_path / "cpu" / "run.json").write_text(path.read_text())
     results = load_results(tmp_path)
     text = markdown(results)
-    assert text.count("### ") == 2 and "| stt_fast-fp32 | ours | 2 |" in text
+    # (a row measured on a busy machine carries "(noisy)" after its name)
+    assert text.count("### ") == 2 and re.search(r"\| stt_fast-fp32( \(noisy\))? \| ours \| 2 \|", text)
     assert "NVIDIA H100 80GB HBM3 (sm 9.0)" in text
     assert "TensorRT is not installed" in text and "Fastest peer per batch size" in text
     twin = copy.deepcopy(result)

@@ -17,25 +17,11 @@ from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTens
 
 import stt_fast
 from stt_fast import STT, get_config
-from stt_fast.compiler import CompiledSTT
-from stt_fast.compiler.program import STTProgram
 from stt_fast.inputs import check_clips
+from stt_fast.selftest import fake_cuda_module
 from tests.helpers import clips, trained_looking
 
 PRESETS = ["tiny", "tiny-joint"]
-
-
-def fake_cuda_module(model, ops, dtype, mode):
-    """A CompiledSTT whose weights are fake CUDA tensors (no graphs: capture needs a real GPU)."""
-    program = STTProgram(model, ops=ops).eval()
-
-    def to_fake_cuda(t):
-        return torch.empty_strided(t.shape, t.stride(), dtype=dtype if t.is_floating_point() else t.dtype,
-                                   device="cuda")
-
-    with mode:
-        program._apply(to_fake_cuda)
-    return CompiledSTT(program, config=model.config, device=torch.device("cuda", 0), dtype=dtype, backend=ops)
 
 
 @pytest.mark.parametrize("input_dtype", [torch.float32, torch.uint8], ids=["float-clips", "uint8-clips"])
