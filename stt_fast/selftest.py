@@ -322,6 +322,9 @@ def run_selftest(output: str | os.PathLike = "results/selftest", *, device: str 
     from stt_fast.benchmarks.machine import machine_header
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise ValueError(f"device {device} was asked for, but this machine has {torch.cuda.device_count()} CUDA "
+                         "device(s)")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     config = get_config(config_name)

@@ -36,3 +36,13 @@ def test_selftest_on_the_cpu_runs_the_cpu_parts_and_lists_the_rest(tmp_path):
     summary = (folder / "SUMMARY.md").read_text()
     assert "4 passed, 0 failed, 4 skipped" in summary and "no GPU" in summary
     assert {"kernels.json", "backends.json", "bench.md", "SUMMARY.md"} <= {p.name for p in folder.rglob("*")}
+
+
+def test_a_gpu_that_is_not_there_is_named():
+    import torch
+
+    from stt_fast.cli import main
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert main(["selftest", "--device", "cuda:3", "--quiet"]) == 2
