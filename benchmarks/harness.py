@@ -228,9 +228,10 @@ def _same_graph_notes(records: list[dict]) -> None:
 def run_suite(config_name: str = "paper", *, batch_sizes: list[int] | None = None, backends: list[str] | None = None,
               device: str | None = None, checkpoint: str | None = None, labelled=None,
               output_dir: str | Path | None = None, min_seconds: float = 1.0, progress: bool = True, seed: int = 0,
-              name: str | None = None) -> tuple[dict, Path | None]:
+              name: str | None = None, purpose: str = "bench") -> tuple[dict, Path | None]:
     """Run the suite and write OUTPUT_DIR/<machine>/<time>-<name>.json; returns (result, path).
 
+    purpose: "bench" (a full run) or "selftest" (a short check, which reports leave out by default).
     checkpoint: benchmark this model (else config_name with random weights).
     labelled: a ClipDataset to measure WAR/UAR on (its config must be the model's).
     name: what the run is called in results and reports (default: the config name, or the checkpoint's).
@@ -280,6 +281,7 @@ def run_suite(config_name: str = "paper", *, batch_sizes: list[int] | None = Non
     _same_graph_notes(records)
     result = {
         "schema": SCHEMA,
+        "purpose": purpose,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": header,
         "ceilings": ceilings,

@@ -11,13 +11,16 @@ import json
 import os
 from pathlib import Path
 
-from stt_fast.files import atomic_output, write_text_atomic
+from stt_fast.files import atomic_output, refuse_to_replace, write_text_atomic
 
 
-def load_results(root: str | os.PathLike) -> list[dict]:
-    """Every result JSON under root (a folder) or root itself (a file), oldest first."""
+def load_results(root: str | os.PathLike, *, include_selftest: bool = False) -> list[dict]:
+    """Every result JSON under root (a folder) or root itself (a file), oldest first. The short runs of
+    `stt-fast selftest` (purpose "selftest") are left out of a folder's results unless include_selftest:
+    a quick batch-1 check must never stand in for a machine's full run."""
     root = Path(root)
     files = [root] if root.is_file() else sorted(root.rglob("*.json"))
+    include_selftest = include_selftest or root.is_file()
     results = []
     for f in files:
         try:
@@ -25,6 +28,8 @@ def load_results(root: str | os.PathLike) -> list[dict]:
         except (OSError, ValueError) as e:
             raise ValueError(f"{f} is not a readable benchmark result: {e}") from e
         if isinstance(data, dict) and data.get("schema") and "results" in data and "machine" in data:
+            if data.get("purpose") == "selftest" and not include_selftest:
+                continue
             data["_path"] = str(f)
             results.append(data)
     return sorted(results, key=lambda r: r["created"])
@@ -152,6 +157,9 @@ def _analysis(result: dict) -> str:
     return notes.read_text().strip() if notes.is_file() else ""
 
 
+PLOT_FILES = ("latency_vs_batch.png", "speedup.png", "accuracy.png")
+
+
 def plots(results: list[dict], out_dir: str | os.PathLike) -> list[Path]:
     """latency_vs_batch.png (a panel per backend, a line per machine), speedup.png, accuracy.png."""
     import matplotlib
@@ -207,11 +215,33 @@ def plots(results: list[dict], out_dir: str | os.PathLike) -> list[Path]:
     return written
 
 
+# Two runs whose measured matmul peaks differ more than this are not compared at all: scaling by the peak
+# is a first-order correction (a compute-bound model), not a way to compare different machines.
+COMPARABLE_PEAK_RATIO = 2.0
+
+
+def peak_ratio(current: dict, baseline: dict) -> float:
+    """This run's measured matmul peak over the baseline's: how much faster this machine was measured to be.
+    ValueError when the two runs cannot be compared (another kind of device, or peaks over 2x apart)."""
+    devices = current["machine"].get("device"), baseline["machine"].get("device")
+    if devices[0] != devices[1]:
+        raise ValueError(f"this run is on {devices[0]}, the baseline on {devices[1]}: compare runs of one machine")
+    now, then = current["ceilings"]["matmul_tflops"], baseline["ceilings"]["matmul_tflops"]
+    ratio = now / then
+    if not 1 / COMPARABLE_PEAK_RATIO <= ratio <= COMPARABLE_PEAK_RATIO:
+        raise ValueError(f"the machines differ too much to compare: measured matmul peak {now:.4g} TFLOP/s in this "
+                         f"run vs {then:.4g} in the baseline ({ratio:.2f}x; over {COMPARABLE_PEAK_RATIO:.0f}x apart). "
+                         "Compare runs of the same machine, measured when it was quiet")
+    return ratio
+
+
 def compare(current: dict, baseline: dict, threshold: float = 0.10) -> list[str]:
     """Regressions of current against baseline; [] when none. A regression is: a backend or batch size
     measured in the baseline that is missing from the current run or failed there (skipped as
-    unavailable, errored); a median latency more than `threshold` slower; a lower top-1 agreement; a
-    relative error above both 2x the baseline's and 1e-6."""
+    unavailable, errored); a median latency more than `threshold` slower once scaled by the two runs'
+    measured matmul peaks (peak_ratio: a busier or slower machine is not a regression); a lower top-1
+    agreement; a relative error above both 2x the baseline's and 1e-6."""
+    speed = peak_ratio(current, baseline)
     found = []
     now = {r["backend"]: r for r in current["results"]}
     for old_record in baseline["results"]:
@@ -237,9 +267,10 @@ def compare(current: dict, baseline: dict, threshold: float = 0.10) -> list[str]
             if "timing" not in b:
                 found.append(f"{where}: failed in this run ({b.get('error')})")
                 continue
-            new_ms, old_ms = b["timing"]["median_ms"], old["timing"]["median_ms"]
+            new_ms, old_ms = b["timing"]["median_ms"] * speed, old["timing"]["median_ms"]
             if new_ms > old_ms * (1 + threshold):
-                found.append(f"{where}: median {new_ms:.3f} ms vs {old_ms:.3f} ms "
+                scaled = f" scaled by the peak ratio {speed:.2f}" if abs(speed - 1) > 1e-9 else ""
+                found.append(f"{where}: median {new_ms:.3f} ms{scaled} vs {old_ms:.3f} ms "
                              f"(+{100 * (new_ms / old_ms - 1):.1f}% > {100 * threshold:.0f}%)")
             if b["accuracy"]["top1_agreement"] < old["accuracy"]["top1_agreement"]:
                 found.append(f"{where}: top-1 agreement {b['accuracy']['top1_agreement']:.3f} vs "
@@ -251,8 +282,13 @@ def compare(current: dict, baseline: dict, threshold: float = 0.10) -> list[str]
 
 
 def write_report(root: str | os.PathLike, markdown_path: str | os.PathLike | None = None,
-                 plots_dir: str | os.PathLike | None = None) -> str:
-    results = load_results(root)
+                 plots_dir: str | os.PathLike | None = None, overwrite: bool = False,
+                 include_selftest: bool = False) -> str:
+    """The tables of the results under root (written to markdown_path when given) and the plots (into
+    plots_dir); existing files are refused unless overwrite."""
+    refuse_to_replace([markdown_path] if markdown_path else [], overwrite)
+    refuse_to_replace([Path(plots_dir) / name for name in PLOT_FILES] if plots_dir else [], overwrite)
+    results = load_results(root, include_selftest=include_selftest)
     if not results:
         raise ValueError(f"no benchmark results under {root}")
     text = markdown(results)

@@ -4,16 +4,18 @@ This file imports nothing from stt_fast and nothing heavy at module level, so it
 to an edge device (a Jetson) with the engine and its sidecar and run there without PyTorch:
 
     python3 engine_runtime.py run model.engine --clips clips.npy      # numpy [B, T, 3, H, W]
-    python3 engine_runtime.py sidecar model.engine --onnx model.fp16.onnx --batch 1:4:16
+    python3 engine_runtime.py sidecar model.engine --onnx model.fp16.onnx
                                                                       # for an engine built by trtexec
 
 Inside the package it is stt_fast.export.engine_runtime, used by the builder and by
 stt_fast.compile(backend="tensorrt").
 
 The sidecar (model.engine.json) records what an engine is tied to: the TensorRT version that built it,
-the GPU name and compute capability, and whether it was built version- or hardware-compatible. An
-engine is refused, with the reason, when the TensorRT or GPU at hand cannot run it, when its bytes do
-not match the hash in the sidecar (truncated or replaced), or when the sidecar is missing.
+the GPU name and compute capability, the operating system and CPU architecture, and whether it was
+built version- or hardware-compatible. An engine is refused, with the reason, when the TensorRT, GPU or
+platform at hand cannot run it, when its bytes do not match the hash in the sidecar (truncated or
+replaced), when the sidecar is missing, or when the engine's own inputs, outputs and profile disagree
+with the sidecar.
 
 EngineRunner is one small class with three buffer back ends: "torch" (torch CUDA tensors, the engine
 enqueued on the current torch stream), and, without PyTorch, "cuda-python" (NVIDIA's cuda.bindings
@@ -22,21 +24,30 @@ runtime API, installed as wheels) or "pycuda" (numpy in, numpy out for both).
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import json
 import os
+import platform
 import re
 import sys
+import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 SIDECAR_FORMAT = "stt_fast-engine-v1"
 LABELS = ["Happy", "Sad", "Neutral", "Angry", "Surprise", "Disgust", "Fear"]
 SIDECAR_SUFFIX = ".json"
+LAYERS_SUFFIX = ".layers.json"
 INPUT_NAME = "clips"
 OUTPUT_NAME = "logits"
 HARDWARE_LEVELS = ("none", "ampere_plus", "same_compute_capability")
+INPUT_DTYPES = ("float32", "uint8")
+# Integrated GPUs of Jetson modules (Xavier, Orin, Thor): TensorRT's hardware compatibility is not
+# supported there (TensorRT developer guide, "Hardware Compatibility"), and JetPack pins its own TensorRT.
+JETSON_CAPABILITIES = ("7.2", "8.7", "10.1", "11.0")
 
 
 class EngineCompatibilityError(ValueError):
@@ -48,7 +59,8 @@ def import_tensorrt():
         import tensorrt
     except ImportError as e:
         raise ImportError("TensorRT is not installed: on x86-64 'pip install tensorrt'; on a Jetson it comes "
-                          "with JetPack (python3-libnvinfer)") from e
+                          "with JetPack (python3-libnvinfer; a virtual environment sees it when created with "
+                          "--system-site-packages)") from e
     return tensorrt
 
 
@@ -56,8 +68,19 @@ def sidecar_path(engine_path: str | os.PathLike) -> Path:
     return Path(str(engine_path) + SIDECAR_SUFFIX)
 
 
+def layers_path(engine_path: str | os.PathLike) -> Path:
+    """Where the engine inspector's layer information is kept beside the engine."""
+    return Path(str(engine_path) + LAYERS_SUFFIX)
+
+
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def current_platform() -> dict[str, str]:
+    """The operating system and CPU architecture an engine is built on: engines are not portable across
+    them (an x86-64 engine does not load on a Jetson's aarch64, whatever the GPU)."""
+    return {"os": platform.system(), "machine": platform.machine()}
 
 
 def make_sidecar(*, engine_bytes: bytes, onnx_meta: dict[str, str], onnx_file: str, onnx_sha256: str,
@@ -74,6 +97,7 @@ def make_sidecar(*, engine_bytes: bytes, onnx_meta: dict[str, str], onnx_file: s
         "stt_fast_version": onnx_meta.get("stt_fast.version"),
         "tensorrt_version": tensorrt_version,
         "gpu": gpu,
+        "platform": current_platform(),
         "version_compatible": version_compatible,
         "hardware_compatibility": hardware_compatibility,
         "precision": onnx_meta.get("stt_fast.precision", "fp32"),
@@ -119,37 +143,66 @@ def read_sidecar(engine_path: str | os.PathLike) -> dict[str, Any]:
 
 
 def _version_tuple(version: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in re.findall(r"\d+", version)[:3])
+    """major.minor.patch.build as four integers (missing fields 0): '10.3.0.30' -> (10, 3, 0, 30)."""
+    fields = [int(x) for x in re.findall(r"\d+", version)[:4]]
+    return tuple(fields + [0] * (4 - len(fields)))
+
+
+def is_jetson(compute_capability: str) -> bool:
+    """A Jetson module's integrated GPU, known by its compute capability."""
+    return compute_capability in JETSON_CAPABILITIES
+
+
+def check_hardware_level(level: str, compute_capability: str) -> None:
+    """ValueError unless engines of hardware-compatibility `level` can be built on a GPU of this compute
+    capability: ampere_plus needs sm_80 or newer, and neither level is supported on Jetson."""
+    if level not in HARDWARE_LEVELS:
+        raise ValueError(f"hardware_compatibility must be one of {HARDWARE_LEVELS}, got {level!r}")
+    if level == "none":
+        return
+    if is_jetson(compute_capability):
+        raise ValueError(f"hardware compatibility ({level}) is not supported by TensorRT on Jetson (compute "
+                         f"capability {compute_capability}): build a plain engine on the device itself")
+    if level == "ampere_plus" and _version_tuple(compute_capability)[:2] < (8, 0):
+        raise ValueError(f"ampere_plus engines are built on Ampere or newer GPUs; this one is {compute_capability}")
 
 
 def check_compatible(sidecar: dict[str, Any], *, tensorrt_version: str, gpu_name: str,
-                     compute_capability: str) -> list[str]:
-    """Raise EngineCompatibilityError if this TensorRT and GPU cannot run the engine; return warnings.
+                     compute_capability: str, platform_here: dict[str, str] | None = None) -> list[str]:
+    """Raise EngineCompatibilityError if this TensorRT, GPU and platform cannot run the engine; return
+    warnings.
 
-    TensorRT: the same major.minor.patch, or for a version-compatible engine the same major and a
-    runtime at least as new. GPU: the same compute capability, or for a hardware-compatible
-    ("ampere_plus") engine any compute capability >= 8.0. A different GPU name with the same compute
-    capability runs, but may run slower than on the GPU it was tuned for: a warning.
+    TensorRT: a plain engine runs on exactly the TensorRT that built it (all four version fields); a
+    version-compatible one on that version or a newer one of the same major or the next (TensorRT 11
+    runs TensorRT 10 version-compatible engines). GPU: the same compute capability, or for an
+    "ampere_plus" engine any compute capability >= 8.0 other than a Jetson's. Platform: the same
+    operating system and CPU architecture. A different GPU name with the same compute capability runs,
+    but may run slower than on the GPU it was tuned for: a warning.
     """
     built, here = sidecar["tensorrt_version"], tensorrt_version
     b, h = _version_tuple(built), _version_tuple(here)
     if sidecar.get("version_compatible"):
-        if h[:1] != b[:1] or h < b:
+        if h < b or h[0] > b[0] + 1:
             raise EngineCompatibilityError(
-                f"engine built with TensorRT {built} (version-compatible) cannot run on TensorRT {here}: "
-                f"it needs TensorRT {b[0]}.x at {built} or newer")
+                f"engine built with TensorRT {built} (version-compatible) cannot run on TensorRT {here}: it needs "
+                f"TensorRT {built} or newer, up to {b[0] + 1}.x")
     elif h != b:
         raise EngineCompatibilityError(
             f"engine built with TensorRT {built} cannot run on TensorRT {here}: rebuild it here "
             "(or build it with --version-compatible)")
+    built_on, platform_here = sidecar.get("platform"), platform_here or current_platform()
+    if built_on and built_on != platform_here:
+        raise EngineCompatibilityError(
+            f"engine was built on {built_on['os']} {built_on['machine']}, this is {platform_here['os']} "
+            f"{platform_here['machine']}: engines do not move across platforms; rebuild it here")
     gpu = sidecar["gpu"]
     level = sidecar.get("hardware_compatibility", "none")
-    cc_built, cc_here = _version_tuple(gpu["compute_capability"]), _version_tuple(compute_capability)
+    cc_built, cc_here = _version_tuple(gpu["compute_capability"])[:2], _version_tuple(compute_capability)[:2]
     if level == "ampere_plus":
-        if cc_here < (8, 0):
+        if cc_here < (8, 0) or is_jetson(compute_capability):
             raise EngineCompatibilityError(
-                f"engine is hardware-compatible for Ampere and newer (compute capability >= 8.0); this GPU, "
-                f"{gpu_name}, is {compute_capability}")
+                f"engine is hardware-compatible for Ampere and newer discrete GPUs (compute capability >= 8.0, "
+                f"not Jetson); this GPU, {gpu_name}, is {compute_capability}")
     elif cc_here != cc_built:
         raise EngineCompatibilityError(
             f"engine was built for {gpu['name']} (compute capability {gpu['compute_capability']}); this GPU, "
@@ -166,8 +219,178 @@ def check_engine_bytes(engine_bytes: bytes, sidecar: dict[str, Any], engine_path
                                        "truncated, corrupted or from another build")
 
 
+# --- what the engine itself says about its inputs and outputs --------------------------------------------
+
+# TensorRT DataType member names -> the names this file uses
+TENSORRT_DTYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "UINT8": "uint8", "INT8": "int8",
+                   "INT32": "int32", "INT64": "int64", "BOOL": "bool"}
+
+
+def describe_engine(engine) -> list[dict[str, Any]]:
+    """The engine's I/O tensors as plain data: name, mode ("INPUT"/"OUTPUT"), dtype, shape, and for inputs
+    the (min, opt, max) shapes of optimisation profile 0 (TensorRT 10/11 ICudaEngine API)."""
+    tensors = []
+    for i in range(engine.num_io_tensors):
+        name = engine.get_tensor_name(i)
+        mode = engine.get_tensor_mode(name).name
+        tensor = {"name": name, "mode": mode, "dtype": TENSORRT_DTYPES.get(engine.get_tensor_dtype(name).name,
+                                                                              engine.get_tensor_dtype(name).name),
+                  "shape": [int(d) for d in engine.get_tensor_shape(name)]}
+        if mode == "INPUT":
+            tensor["profile"] = [[int(d) for d in s] for s in engine.get_tensor_profile_shape(name, 0)]
+        tensors.append(tensor)
+    return tensors
+
+
+class EngineIO(NamedTuple):
+    """What the runner needs from an engine, read from the engine itself."""
+
+    input_dtype: str  # "float32" or "uint8"
+    num_classes: int
+    min_batch: int
+    opt_batch: int
+    max_batch: int
+
+
+def engine_io(tensors: list[dict[str, Any]], sidecar: dict[str, Any]) -> EngineIO:
+    """Check the engine's own I/O description (describe_engine) against what an stt_fast engine must be
+    and against its sidecar; EngineCompatibilityError names the first difference."""
+    problems = []
+    names = {t["name"]: t for t in tensors}
+    if sorted(names) != sorted([INPUT_NAME, OUTPUT_NAME]):
+        raise EngineCompatibilityError(f"engine has I/O tensors {sorted(names)}, an stt_fast engine has exactly "
+                                       f"'{INPUT_NAME}' (input) and '{OUTPUT_NAME}' (output)")
+    clips, logits = names[INPUT_NAME], names[OUTPUT_NAME]
+    if clips["mode"] != "INPUT" or logits["mode"] != "OUTPUT":
+        problems.append(f"'{INPUT_NAME}' is {clips['mode']} and '{OUTPUT_NAME}' is {logits['mode']}")
+    if clips["dtype"] not in INPUT_DTYPES:
+        problems.append(f"input dtype {clips['dtype']} is not one of {INPUT_DTYPES}")
+    if logits["dtype"] != "float32":
+        problems.append(f"output dtype {logits['dtype']} is not float32")
+    config = sidecar.get("config") or {}
+    expected_input = [config.get("num_frames"), 3, config.get("image_size"), config.get("image_size")]
+    if clips["shape"][1:] != expected_input:
+        problems.append(f"input shape {clips['shape']} is not [-1, {', '.join(map(str, expected_input))}] "
+                        "(the sidecar's config)")
+    if logits["shape"][1:] != [config.get("num_classes")]:
+        problems.append(f"output shape {logits['shape']} is not [-1, {config.get('num_classes')}]")
+    profile = clips.get("profile") or [[0], [0], [0]]
+    batch = [int(shape[0]) for shape in profile]
+    side = sidecar.get("profile") or {}
+    if [side.get("min"), side.get("opt"), side.get("max")] != batch:
+        problems.append(f"profile batch {batch[0]}:{batch[1]}:{batch[2]} differs from the sidecar's "
+                        f"{side.get('min')}:{side.get('opt')}:{side.get('max')}")
+    if sidecar.get("input", {}).get("dtype") not in (None, clips["dtype"]):
+        problems.append(f"input dtype {clips['dtype']} differs from the sidecar's {sidecar['input']['dtype']}")
+    if problems:
+        raise EngineCompatibilityError("engine and sidecar disagree: " + "; ".join(problems))
+    return EngineIO(clips["dtype"], int(logits["shape"][-1]), *batch)
+
+
+# --- clips in, in the engine's dtype and profile ------------------------------------------------------------
+
+def engine_input(clips, input_dtype: str):
+    """clips (numpy array or torch tensor, [B, T, 3, H, W]) in the engine's input dtype, rescaled:
+    a uint8 engine takes round(x * 255) of float clips in [0, 1]; a float32 engine takes uint8 clips
+    / 255. Float clips to a float engine and uint8 to a uint8 engine pass as they are (other float
+    widths become float32); any other dtype is refused."""
+    if input_dtype not in INPUT_DTYPES:
+        raise ValueError(f"engine input dtype must be one of {INPUT_DTYPES}, got {input_dtype!r}")
+    if type(clips).__module__.startswith("torch"):
+        import torch
+
+        is_uint8, is_float = clips.dtype == torch.uint8, clips.is_floating_point()
+        _check_clip_dtype(is_uint8, is_float, clips.dtype)
+        if input_dtype == "uint8":
+            return clips if is_uint8 else (clips.float() * 255).round().clamp(0, 255).to(torch.uint8)
+        return clips.float() / 255 if is_uint8 else clips.float()
+    import numpy as np
+
+    clips = np.asarray(clips)
+    is_uint8, is_float = clips.dtype == np.uint8, np.issubdtype(clips.dtype, np.floating)
+    _check_clip_dtype(is_uint8, is_float, clips.dtype)
+    if input_dtype == "uint8":
+        return clips if is_uint8 else np.clip(np.rint(clips.astype(np.float32) * 255), 0, 255).astype(np.uint8)
+    return clips.astype(np.float32) / np.float32(255) if is_uint8 else clips.astype(np.float32)
+
+
+def _check_clip_dtype(is_uint8: bool, is_float: bool, dtype) -> None:
+    if not (is_uint8 or is_float):
+        raise ValueError(f"clips must be uint8 (0-255) or floating point (in [0, 1]), got {dtype}")
+
+
+def profile_chunks(batch: int, min_batch: int, max_batch: int) -> list[tuple[int, int, int]]:
+    """(start, stop, run_size) per engine call for a batch of `batch` clips: chunks of at most max_batch,
+    each run at least min_batch large (a short chunk is padded up to the profile's minimum, and its
+    extra rows are dropped)."""
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
+    if not 1 <= min_batch <= max_batch:
+        raise ValueError(f"profile must satisfy 1 <= min <= max, got {min_batch}:{max_batch}")
+    return [(start, min(batch, start + max_batch), max(min_batch, min(batch, start + max_batch) - start))
+            for start in range(0, batch, max_batch)]
+
+
+def pad_rows(chunk, size: int):
+    """chunk [b, ...] -> [size, ...] by repeating its last row (numpy or torch; size >= b)."""
+    extra = size - chunk.shape[0]
+    if extra <= 0:
+        return chunk
+    last = chunk[-1:]
+    if type(chunk).__module__.startswith("torch"):
+        import torch
+
+        return torch.cat([chunk, last.expand(extra, *chunk.shape[1:])])
+    import numpy as np
+
+    return np.concatenate([chunk, np.repeat(last, extra, axis=0)])
+
+
+def run_in_chunks(clips, io: EngineIO, run_chunk: Callable, concat: Callable):
+    """logits of clips through run_chunk(padded chunk) -> logits of the padded chunk, chunked and padded to
+    the engine's profile (profile_chunks), extra rows dropped."""
+    parts = [run_chunk(pad_rows(clips[start:stop], size))[:stop - start]
+             for start, stop, size in profile_chunks(clips.shape[0], io.min_batch, io.max_batch)]
+    return parts[0] if len(parts) == 1 else concat(parts)
+
+
+def _enqueue(context, shape, input_address: int, output_address: int, stream: int, io: EngineIO) -> None:
+    """Bind one call's shapes and addresses and enqueue it; every TensorRT refusal raises, naming why."""
+    if not context.set_input_shape(INPUT_NAME, tuple(shape)):
+        raise RuntimeError(f"TensorRT refused input shape {tuple(shape)}: the engine's profile takes batch "
+                           f"{io.min_batch} to {io.max_batch}")
+    context.set_tensor_address(INPUT_NAME, input_address)
+    context.set_tensor_address(OUTPUT_NAME, output_address)
+    if not context.execute_async_v3(stream):
+        raise RuntimeError("TensorRT execution failed (execute_async_v3 returned False; see its log above)")
+
+
+# --- device memory ------------------------------------------------------------------------------------------
+
+class GrowingAllocation:
+    """One allocation from a binding's alloc/free, grown to the largest size asked for and reused. A failed
+    alloc leaves it empty (never a freed pointer with the old capacity)."""
+
+    def __init__(self, alloc: Callable[[int], Any], free: Callable[[Any], None]) -> None:
+        self._alloc, self._free = alloc, free
+        self.handle: Any = None
+        self.nbytes = 0
+
+    def ensure(self, nbytes: int):
+        if self.handle is None or nbytes > self.nbytes:
+            self.release()
+            self.handle = self._alloc(nbytes)
+            self.nbytes = nbytes
+        return self.handle
+
+    def release(self) -> None:
+        handle, self.handle, self.nbytes = self.handle, None, 0
+        if handle is not None:
+            self._free(handle)
+
+
 class _TorchBuffers:
-    """torch CUDA tensors as the engine's buffers, enqueued on the current torch stream."""
+    """torch CUDA tensors as the engine's buffers, enqueued on the device's current torch stream."""
 
     def __init__(self, device: int) -> None:
         import torch
@@ -175,24 +398,26 @@ class _TorchBuffers:
         self.torch = torch
         self.device = torch.device("cuda", device)
 
-    def run(self, context, clips, input_dtype: str, num_classes: int):
+    def activate(self):
+        return self.torch.cuda.device(self.device)
+
+    def run(self, context, clips, io: EngineIO):
         torch = self.torch
-        dtype = {"float32": torch.float32, "uint8": torch.uint8}[input_dtype]
-        clips = torch.as_tensor(clips).to(self.device, dtype).contiguous()
-        out = torch.empty((clips.shape[0], num_classes), dtype=torch.float32, device=self.device)
-        context.set_input_shape(INPUT_NAME, tuple(clips.shape))
-        context.set_tensor_address(INPUT_NAME, clips.data_ptr())
-        context.set_tensor_address(OUTPUT_NAME, out.data_ptr())
-        if not context.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream):
-            raise RuntimeError("TensorRT execution failed (execute_async_v3 returned False)")
+        clips = torch.as_tensor(clips).to(self.device).contiguous()
+        out = torch.empty((clips.shape[0], io.num_classes), dtype=torch.float32, device=self.device)
+        _enqueue(context, clips.shape, clips.data_ptr(), out.data_ptr(),
+                 torch.cuda.current_stream(self.device).cuda_stream, io)
         return out
 
     def concat(self, parts):
         return self.torch.cat(parts)
 
+    def close(self) -> None:
+        pass  # torch's allocator owns the memory
+
 
 class _PyCudaBuffers:
-    """numpy in, numpy out; device memory and a stream from pycuda (no PyTorch needed)."""
+    """numpy in, numpy out; device and page-locked host memory and a stream from pycuda (no PyTorch)."""
 
     def __init__(self, device: int) -> None:
         import numpy as np
@@ -201,35 +426,41 @@ class _PyCudaBuffers:
         cuda.init()
         self.np, self.cuda = np, cuda
         self.context = cuda.Device(device).retain_primary_context()
-        self.stream = None
-        self._capacity = 0
-        self._d_in = self._d_out = None
+        with self.activate():
+            self.stream = cuda.Stream()
+        self._device = [GrowingAllocation(cuda.mem_alloc, lambda a: a.free()) for _ in range(2)]
+        self._host = [GrowingAllocation(lambda n: cuda.pagelocked_empty(n, np.uint8), lambda a: None)
+                      for _ in range(2)]
 
-    def run(self, context, clips, input_dtype: str, num_classes: int):
-        np, cuda = self.np, self.cuda
+    @contextlib.contextmanager
+    def activate(self):
         self.context.push()
         try:
-            if self.stream is None:
-                self.stream = cuda.Stream()
-            host_in = np.ascontiguousarray(clips, dtype=np.float32 if input_dtype == "float32" else np.uint8)
-            host_out = np.empty((host_in.shape[0], num_classes), dtype=np.float32)
-            if host_in.nbytes + host_out.nbytes > self._capacity:  # grow once, reuse after
-                self._d_in, self._d_out = cuda.mem_alloc(host_in.nbytes), cuda.mem_alloc(host_out.nbytes)
-                self._capacity = host_in.nbytes + host_out.nbytes
-            cuda.memcpy_htod_async(self._d_in, host_in, self.stream)
-            context.set_input_shape(INPUT_NAME, host_in.shape)
-            context.set_tensor_address(INPUT_NAME, int(self._d_in))
-            context.set_tensor_address(OUTPUT_NAME, int(self._d_out))
-            if not context.execute_async_v3(self.stream.handle):
-                raise RuntimeError("TensorRT execution failed (execute_async_v3 returned False)")
-            cuda.memcpy_dtoh_async(host_out, self._d_out, self.stream)
-            self.stream.synchronize()
-            return host_out
+            yield
         finally:
             self.context.pop()
 
+    def run(self, context, clips, io: EngineIO):
+        np, cuda = self.np, self.cuda
+        out_shape = (clips.shape[0], io.num_classes)
+        out_bytes = int(np.prod(out_shape)) * 4
+        host_in = self._host[0].ensure(clips.nbytes)[:clips.nbytes].view(clips.dtype).reshape(clips.shape)
+        host_in[...] = clips  # page-locked, so that the copy below is asynchronous
+        host_out = self._host[1].ensure(out_bytes)[:out_bytes].view(np.float32).reshape(out_shape)
+        d_in, d_out = self._device[0].ensure(clips.nbytes), self._device[1].ensure(out_bytes)
+        cuda.memcpy_htod_async(d_in, host_in, self.stream)
+        _enqueue(context, clips.shape, int(d_in), int(d_out), self.stream.handle, io)
+        cuda.memcpy_dtoh_async(host_out, d_out, self.stream)
+        self.stream.synchronize()
+        return host_out.copy()
+
     def concat(self, parts):
         return self.np.concatenate(parts)
+
+    def close(self) -> None:
+        with self.activate():
+            for allocation in (*self._device, *self._host):
+                allocation.release()
 
 
 def _cuda_check(result, what: str):
@@ -239,53 +470,65 @@ def _cuda_check(result, what: str):
     error, *values = result
     if error != cudart.cudaError_t.cudaSuccess:
         raise RuntimeError(f"{what} failed: {error.name} (is there a CUDA GPU and driver?)")
-    return values[0] if len(values) == 1 else tuple(values)
+    return values[0] if len(values) == 1 else tuple(values) if values else None
 
 
 class _CudaRuntimeBuffers:
-    """numpy in, numpy out; device memory and a stream from NVIDIA's cuda-python (cuda.bindings.runtime),
-    which installs as wheels where pycuda has to be compiled."""
+    """numpy in, numpy out; device memory, page-locked host memory and a stream from NVIDIA's cuda-python
+    (cuda.bindings.runtime), which installs as wheels where pycuda has to be compiled."""
 
     def __init__(self, device: int) -> None:
         import numpy as np
         from cuda.bindings import runtime as cudart
 
-        self.np, self.cudart = np, cudart
+        self.np, self.cudart, self.device = np, cudart, device
         _cuda_check(cudart.cudaSetDevice(device), "cudaSetDevice")
         self.stream = _cuda_check(cudart.cudaStreamCreate(), "cudaStreamCreate")
-        self._capacity = (0, 0)
-        self._d_in = self._d_out = None
+        self._device = [GrowingAllocation(lambda n: _cuda_check(cudart.cudaMalloc(n), "cudaMalloc"),
+                                          lambda p: _cuda_check(cudart.cudaFree(p), "cudaFree")) for _ in range(2)]
+        self._host = [GrowingAllocation(lambda n: _cuda_check(cudart.cudaMallocHost(n), "cudaMallocHost"),
+                                        lambda p: _cuda_check(cudart.cudaFreeHost(p), "cudaFreeHost"))
+                      for _ in range(2)]
 
-    def _ensure(self, in_bytes: int, out_bytes: int) -> None:
-        if in_bytes <= self._capacity[0] and out_bytes <= self._capacity[1]:
-            return  # grow once, reuse after
-        for pointer in (self._d_in, self._d_out):
-            if pointer is not None:
-                _cuda_check(self.cudart.cudaFree(pointer), "cudaFree")
-        self._d_in = _cuda_check(self.cudart.cudaMalloc(in_bytes), "cudaMalloc")
-        self._d_out = _cuda_check(self.cudart.cudaMalloc(out_bytes), "cudaMalloc")
-        self._capacity = (in_bytes, out_bytes)
+    @contextlib.contextmanager
+    def activate(self):
+        _cuda_check(self.cudart.cudaSetDevice(self.device), "cudaSetDevice")  # per host thread
+        yield
 
-    def run(self, context, clips, input_dtype: str, num_classes: int):
+    def _host_array(self, allocation: GrowingAllocation, shape, dtype):
+        import ctypes
+
+        nbytes = int(self.np.prod(shape)) * self.np.dtype(dtype).itemsize
+        pointer = int(allocation.ensure(nbytes))
+        raw = (ctypes.c_uint8 * nbytes).from_address(pointer)
+        return self.np.frombuffer(raw, dtype=self.np.uint8).view(dtype).reshape(shape)
+
+    def run(self, context, clips, io: EngineIO):
         np, cudart = self.np, self.cudart
-        host_in = np.ascontiguousarray(clips, dtype=np.float32 if input_dtype == "float32" else np.uint8)
-        host_out = np.empty((host_in.shape[0], num_classes), dtype=np.float32)
-        self._ensure(host_in.nbytes, host_out.nbytes)
+        out_shape = (clips.shape[0], io.num_classes)
+        host_in = self._host_array(self._host[0], clips.shape, clips.dtype)
+        host_in[...] = clips  # page-locked, so that the copies below are asynchronous
+        host_out = self._host_array(self._host[1], out_shape, np.float32)
+        d_in, d_out = self._device[0].ensure(host_in.nbytes), self._device[1].ensure(host_out.nbytes)
         kind = cudart.cudaMemcpyKind
-        _cuda_check(cudart.cudaMemcpyAsync(self._d_in, host_in.ctypes.data, host_in.nbytes,
+        _cuda_check(cudart.cudaMemcpyAsync(d_in, host_in.ctypes.data, host_in.nbytes,
                                            kind.cudaMemcpyHostToDevice, self.stream), "cudaMemcpyAsync")
-        context.set_input_shape(INPUT_NAME, host_in.shape)
-        context.set_tensor_address(INPUT_NAME, int(self._d_in))
-        context.set_tensor_address(OUTPUT_NAME, int(self._d_out))
-        if not context.execute_async_v3(int(self.stream)):
-            raise RuntimeError("TensorRT execution failed (execute_async_v3 returned False)")
-        _cuda_check(cudart.cudaMemcpyAsync(host_out.ctypes.data, self._d_out, host_out.nbytes,
+        _enqueue(context, clips.shape, int(d_in), int(d_out), int(self.stream), io)
+        _cuda_check(cudart.cudaMemcpyAsync(host_out.ctypes.data, d_out, host_out.nbytes,
                                            kind.cudaMemcpyDeviceToHost, self.stream), "cudaMemcpyAsync")
         _cuda_check(cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
-        return host_out
+        return host_out.copy()
 
     def concat(self, parts):
         return self.np.concatenate(parts)
+
+    def close(self) -> None:
+        with self.activate():
+            for allocation in (*self._device, *self._host):
+                allocation.release()
+            if self.stream is not None:
+                stream, self.stream = self.stream, None
+                _cuda_check(self.cudart.cudaStreamDestroy(stream), "cudaStreamDestroy")
 
 
 BUFFERS = {"torch": _TorchBuffers, "pycuda": _PyCudaBuffers, "cuda-python": _CudaRuntimeBuffers}
@@ -323,12 +566,26 @@ def current_gpu(device: int, buffers: str) -> tuple[str, str]:
     return dev.name(), f"{major}.{minor}"
 
 
+def deserialize(trt, engine_bytes: bytes, *, host_code_allowed: bool):
+    """(runtime, engine or None): a version-compatible plan carries its lean runtime as host code, which
+    the full runtime runs only when allowed."""
+    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+    if host_code_allowed:
+        runtime.engine_host_code_allowed = True
+    return runtime, runtime.deserialize_cuda_engine(engine_bytes)
+
+
 class EngineRunner:
     """Load a checked engine and run it: clips [B, T, 3, H, W] -> logits [B, K] float32.
 
     buffers="torch": inputs are anything torch.as_tensor takes, logits a CUDA tensor.
     buffers="cuda-python" or "pycuda": inputs are numpy arrays, logits a numpy array (no PyTorch).
-    Batches above the engine's profile maximum run in chunks.
+    Clips may be float in [0, 1] or uint8 whatever the engine takes: they are rescaled to its input dtype
+    (engine_input). Batches above the profile's maximum run in chunks, batches below its minimum padded.
+    The I/O dtypes, number of classes and profile are read from the engine and checked against the
+    sidecar. One execution context and one set of buffers serve every call: calls are serialised by a
+    lock, so a runner may be shared between threads (one call at a time; give each thread its own runner
+    to run them concurrently). close() frees the buffers (also on garbage collection).
     """
 
     def __init__(self, engine_path: str | os.PathLike, *, buffers: str = "torch", device: int = 0,
@@ -336,6 +593,7 @@ class EngineRunner:
         if buffers not in BUFFERS:
             raise ValueError(f"buffers must be one of {sorted(BUFFERS)}, got {buffers!r}")
         self.path = Path(engine_path)
+        self.buffers = None
         if engine_bytes is None:
             if not self.path.is_file():
                 raise FileNotFoundError(f"engine not found: {self.path}")
@@ -349,51 +607,98 @@ class EngineRunner:
                                          compute_capability=capability)
         for warning in self.warnings:
             print(f"[stt_fast] warning: {warning}", file=sys.stderr)
-        self._logger = trt.Logger(trt.Logger.WARNING)
-        self._runtime = trt.Runtime(self._logger)
-        if self.sidecar.get("version_compatible"):
-            self._runtime.engine_host_code_allowed = True  # the lean runtime embedded in the plan
-        self.engine = self._runtime.deserialize_cuda_engine(engine_bytes)
-        if self.engine is None:
-            raise EngineCompatibilityError(f"TensorRT could not deserialize {self.path} (see its log above)")
-        self.context = self.engine.create_execution_context()
+        # TensorRT works on the current CUDA device: the buffers make `device` current around
+        # deserialisation, context creation and every call.
         self.buffers = BUFFERS[buffers](device)
-        self.input_dtype = self.sidecar["input"]["dtype"]
-        self.num_classes = int(self.sidecar["output"]["shape"][-1])
-        self.max_batch = int(self.sidecar["profile"]["max"])
+        with self.buffers.activate():
+            self._runtime, self.engine = deserialize(trt, engine_bytes,
+                                                     host_code_allowed=bool(self.sidecar.get("version_compatible")))
+            if self.engine is None:
+                raise EngineCompatibilityError(f"TensorRT could not deserialize {self.path} (see its log above)")
+            self.io = engine_io(describe_engine(self.engine), self.sidecar)
+            self.context = self.engine.create_execution_context()
+        self._lock = threading.Lock()
+
+    @property
+    def input_dtype(self) -> str:
+        return self.io.input_dtype
+
+    @property
+    def max_batch(self) -> int:
+        return self.io.max_batch
 
     def __call__(self, clips):
-        batch = clips.shape[0]
-        if batch <= self.max_batch:
-            return self.buffers.run(self.context, clips, self.input_dtype, self.num_classes)
-        parts = [self.buffers.run(self.context, clips[i:i + self.max_batch], self.input_dtype, self.num_classes)
-                 for i in range(0, batch, self.max_batch)]
-        return self.buffers.concat(parts)
+        clips = engine_input(clips, self.io.input_dtype)
+        with self._lock, self.buffers.activate():
+            return run_in_chunks(clips, self.io, lambda chunk: self.buffers.run(self.context, chunk, self.io),
+                                 self.buffers.concat)
+
+    def close(self) -> None:
+        if self.buffers is not None:
+            buffers, self.buffers = self.buffers, None
+            buffers.close()
+
+    def __enter__(self) -> EngineRunner:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):  # interpreter shutdown: the bindings may be gone already
+            self.close()
 
 
 def _sidecar_for_existing_engine(args) -> int:
-    """For an engine built elsewhere (trtexec): its sidecar from the ONNX file it was built from."""
+    """For an engine built elsewhere (trtexec): its sidecar from the ONNX file it was built from and from
+    what the engine itself says (I/O, profile, hardware compatibility; version compatibility by whether
+    it deserialises only with host code allowed, or --version-compatible)."""
     import onnx
 
     engine = Path(args.engine)
+    if not engine.is_file():
+        raise FileNotFoundError(f"engine not found: {engine}")
     model = onnx.load(args.onnx, load_external_data=False)
     meta = {p.key: p.value for p in model.metadata_props}
     trt = import_tensorrt()
     name, capability = current_gpu(args.device, args.buffers)
-    batch = tuple(int(x) for x in args.batch.split(":"))
-    sidecar = make_sidecar(engine_bytes=engine.read_bytes(), onnx_meta=meta, onnx_file=Path(args.onnx).name,
+    engine_bytes = engine.read_bytes()
+    buffers = BUFFERS[args.buffers](args.device)
+    try:
+        with buffers.activate():
+            version_compatible = args.version_compatible
+            _, plan = deserialize(trt, engine_bytes, host_code_allowed=version_compatible)
+            if plan is None and not version_compatible:
+                _, plan = deserialize(trt, engine_bytes, host_code_allowed=True)
+                version_compatible = plan is not None
+            if plan is None:
+                raise EngineCompatibilityError(f"TensorRT {trt.__version__} could not deserialize {engine}")
+            tensors = describe_engine(plan)
+            level_name = plan.hardware_compatibility_level.name
+    finally:
+        buffers.close()
+    level = str(level_name).lower()
+    clips = next((t for t in tensors if t["name"] == INPUT_NAME), None)
+    if clips is None or "profile" not in clips:
+        raise EngineCompatibilityError(f"{engine} has no input '{INPUT_NAME}': not built from an stt_fast ONNX file")
+    batch = tuple(int(shape[0]) for shape in clips["profile"])
+    sidecar = make_sidecar(engine_bytes=engine_bytes, onnx_meta=meta, onnx_file=Path(args.onnx).name,
                            onnx_sha256=hashlib.sha256(Path(args.onnx).read_bytes()).hexdigest(),
                            tensorrt_version=trt.__version__, gpu={"name": name, "compute_capability": capability},
-                           batch=batch, builder={"tool": "external (trtexec)"})
-    print(f"wrote {write_sidecar(engine, sidecar)}")
+                           batch=batch, version_compatible=version_compatible,
+                           hardware_compatibility=level if level in HARDWARE_LEVELS else "none",
+                           builder={"tool": "external (trtexec)"})
+    engine_io(tensors, sidecar)  # the ONNX file's config must match the engine's shapes
+    print(f"wrote {write_sidecar(engine, sidecar)} (profile {batch[0]}:{batch[1]}:{batch[2]}, "
+          f"version-compatible {version_compatible}, hardware compatibility {sidecar['hardware_compatibility']})")
     return 0
 
 
 def _run(args) -> int:
     import numpy as np
 
-    runner = EngineRunner(args.engine, buffers=args.buffers, device=args.device)
-    logits = runner(np.load(args.clips))
+    with EngineRunner(args.engine, buffers=args.buffers, device=args.device) as runner:
+        logits = runner(np.load(args.clips))
     logits = logits if isinstance(logits, np.ndarray) else logits.cpu().numpy()
     labels = runner.sidecar.get("labels") or [str(i) for i in range(logits.shape[1])]
     for row in logits:
@@ -411,16 +716,18 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="logits of clips saved as a .npy array")
     run.add_argument("engine")
-    run.add_argument("--clips", required=True, help=".npy array [B, T, 3, H, W], float32 in [0, 1] or uint8")
+    run.add_argument("--clips", required=True,
+                     help=".npy array [B, T, 3, H, W], float in [0, 1] or uint8 0-255 (rescaled to the engine's input)")
     run.add_argument("--buffers", default=default_buffers(), choices=sorted(BUFFERS),
                      help="device memory from cuda-python, pycuda or torch (default: cuda-python where installed)")
-    run.add_argument("--device", type=int, default=0)
+    run.add_argument("--device", type=int, default=0, help="CUDA device index (default: 0)")
     run.set_defaults(func=_run)
     side = sub.add_parser("sidecar", help="write the sidecar of an engine built with trtexec")
     side.add_argument("engine")
     side.add_argument("--onnx", required=True, help="the stt_fast ONNX file the engine was built from")
-    side.add_argument("--batch", required=True, help="the MIN:OPT:MAX batch profile it was built with")
-    side.add_argument("--device", type=int, default=0)
+    side.add_argument("--version-compatible", action="store_true",
+                      help="the engine was built with trtexec --versionCompatible (detected when not given)")
+    side.add_argument("--device", type=int, default=0, help="CUDA device index (default: 0)")
     side.add_argument("--buffers", default=default_buffers(), choices=sorted(BUFFERS),
                       help="which CUDA binding asks the GPU's name")
     side.set_defaults(func=_sidecar_for_existing_engine)

@@ -9,6 +9,7 @@ import logging
 import tempfile
 from pathlib import Path
 
+from stt_fast import cache
 from stt_fast.checkpoint import state_fingerprint
 from stt_fast.files import cache_root
 from stt_fast.model import STT
@@ -35,8 +36,11 @@ def cached_onnx(model: STT, folder: Path, *, precision: str, batch: BatchRange) 
         with tempfile.TemporaryDirectory(prefix="stt_fast-onnx-") as tmp:
             raw = export_onnx(model, Path(tmp) / "raw.onnx", precision=precision, batch=batch)
             simplify_onnx(raw, path)
+        cache.trim(keep=folder)
+        log.info("stt_fast.compile: cache %s ('stt-fast cache list' shows it)", cache.describe(folder.parent))
     else:
         log.info("stt_fast.compile: reusing the exported program cached in %s", folder)
+    cache.touch(folder)
     return path
 
 

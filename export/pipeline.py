@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stt_fast.checkpoint import load_checkpoint
-from stt_fast.files import sha256_file, write_text_atomic
+from stt_fast.files import refuse_to_replace, sha256_file, write_text_atomic
 from stt_fast.progress import progress_bar
 
 from .onnx_export import BatchRange, export_onnx
@@ -33,13 +33,6 @@ class ExportedGraph:
 def fp16_path(path: Path) -> Path:
     """model.onnx -> model.fp16.onnx"""
     return path.with_name(f"{path.stem}.fp16{path.suffix}")
-
-
-def refuse_to_replace(paths, overwrite: bool) -> None:
-    """FileExistsError naming the first existing path, unless overwrite."""
-    existing = [Path(p) for p in paths if Path(p).exists()]
-    if existing and not overwrite:
-        raise FileExistsError(f"{existing[0]} exists; pass --force to replace it")
 
 
 def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike, *, fp16: bool = False,
@@ -116,7 +109,7 @@ def check_engine(engine: str | os.PathLike, checkpoint: str | os.PathLike, *, ec
     from .engine_runtime import EngineRunner
     from .tensorrt import engine_vs_reference
 
-    runner = EngineRunner(engine, buffers="torch")
-    report = engine_vs_reference(runner, load_checkpoint(checkpoint))
+    with EngineRunner(engine, buffers="torch") as runner:
+        report = engine_vs_reference(runner, load_checkpoint(checkpoint))
     echo(f"[check] {engine}: {report}")
     return report

@@ -2,37 +2,65 @@
 
 The engine is built once and cached under cache_dir (default ~/.cache/stt_fast/engines), keyed by
 the weights' fingerprint, the config, the precision, the batch profile, the TensorRT version, the GPU
-and the stt_fast version; a later compile of the same model on the same machine reuses it.
+and the stt_fast version; a later compile of the same model on the same machine reuses it, once its
+sidecar, hash and compatibility have been checked (anything stale is rebuilt). Timing caches sit in the
+cache folder, one per TensorRT version, GPU and builder flags.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from stt_fast import cache
+from stt_fast.devices import cuda_device_index
 from stt_fast.files import cache_root
-from stt_fast.inputs import clips_to_float
 from stt_fast.model import STT
 
-from .engine_runtime import EngineRunner, import_tensorrt
+from .engine_runtime import (
+    EngineCompatibilityError,
+    EngineRunner,
+    check_compatible,
+    check_engine_bytes,
+    import_tensorrt,
+    read_sidecar,
+)
 from .onnx_cache import cache_key, cached_onnx
 from .onnx_export import BatchRange, graph_precision
 from .tensorrt import build_engine
 
+log = logging.getLogger(__name__)
+
 
 class EngineModule(nn.Module):
-    """clips on the device (any dtype the reference takes) -> logits, through an EngineRunner."""
+    """clips on the device (float or uint8, rescaled by the runner to the engine's input) -> logits."""
 
     def __init__(self, runner: EngineRunner) -> None:
         super().__init__()
         self.runner = runner
 
     def forward(self, clips: torch.Tensor) -> torch.Tensor:
-        if self.runner.input_dtype == "float32":
-            clips = clips_to_float(clips, torch.float32)
         return self.runner(clips)
+
+
+def cached_engine_problem(engine: Path, *, tensorrt_version: str, gpu_name: str,
+                          compute_capability: str) -> str | None:
+    """Why the engine cached at `engine` cannot be reused here (missing, its sidecar missing, unreadable or
+    stale, its bytes not those the sidecar hashed, or not runnable by this TensorRT and GPU), or None."""
+    if not engine.is_file():
+        return "no engine cached yet"
+    try:
+        sidecar = read_sidecar(engine)
+        check_engine_bytes(engine.read_bytes(), sidecar, engine)
+        check_compatible(sidecar, tensorrt_version=tensorrt_version, gpu_name=gpu_name,
+                         compute_capability=compute_capability)
+    except (EngineCompatibilityError, KeyError, TypeError) as e:
+        return f"the cached engine is unusable ({type(e).__name__}: {e})"
+    return None
 
 
 def compile_tensorrt(model: STT, *, device: torch.device, dtype: torch.dtype, batch: str | BatchRange = "1:8:64",
@@ -43,17 +71,23 @@ def compile_tensorrt(model: STT, *, device: torch.device, dtype: torch.dtype, ba
     trt = import_tensorrt()
     if device.type != "cuda":
         raise ValueError(f"backend 'tensorrt' runs on CUDA devices, not {device}")
+    index = cuda_device_index(device)
     precision = graph_precision(dtype, "tensorrt")
     batch = BatchRange.parse(batch) if isinstance(batch, str) else batch
-    props = torch.cuda.get_device_properties(device)
+    props = torch.cuda.get_device_properties(index)
+    capability = f"{props.major}.{props.minor}"
     root = cache_root("engines", cache_dir)
-    folder = root / cache_key(model, precision, str(batch), trt.__version__, props.name,
-                              f"{props.major}.{props.minor}")
+    folder = root / cache_key(model, precision, str(batch), trt.__version__, props.name, capability)
     engine = folder / "model.engine"
-    if rebuild or not engine.is_file():
+    problem = "a rebuild was asked for" if rebuild else cached_engine_problem(
+        engine, tensorrt_version=trt.__version__, gpu_name=props.name, compute_capability=capability)
+    if problem is not None:
+        log.info("stt_fast.compile: building a TensorRT engine in %s (%s)", folder, problem)
         onnx_file = cached_onnx(model, folder, precision=precision, batch=batch)
         build_engine(onnx_file, engine, batch=batch, workspace_gib=workspace_gib,
-                     optimization_level=optimization_level, timing_cache=root / "timing.cache",
-                     reference_model=model, device=device.index or 0)
-    runner = EngineRunner(engine, buffers="torch", device=device.index or 0)
+                     optimization_level=optimization_level, timing_cache=root,
+                     reference_model=model, device=index)
+        cache.trim(keep=folder)
+    cache.touch(folder)
+    runner = EngineRunner(engine, buffers="torch", device=index)
     return CompiledSTT(EngineModule(runner), config=model.config, device=device, dtype=dtype, backend="tensorrt")

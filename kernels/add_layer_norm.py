@@ -16,7 +16,7 @@ import torch
 from torch._subclasses.fake_tensor import is_fake
 
 from .add_layer_norm_reference import add_layer_norm_reference
-from .st_attention import HAS_TRITON, _log_cpu_fallback_once, interpreting
+from .st_attention import HAS_TRITON, _log_cpu_fallback_once, device_guard, interpreting
 
 if HAS_TRITON:
     import triton
@@ -26,7 +26,7 @@ if HAS_TRITON:
     def _add_layer_norm_kernel(X, DELTA, W, B, Y, Z, stride_x, stride_d, stride_y, stride_z,
                                D, eps, cls_period,
                                HAS_DELTA: tl.constexpr, SKIP_CLS: tl.constexpr, BLOCK_D: tl.constexpr):
-        row = tl.program_id(0)
+        row = tl.program_id(0).to(tl.int64)  # row * stride passes 2**31 above 4.19 M rows of D = 512
         cols = tl.arange(0, BLOCK_D)
         mask = cols < D
         y = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
@@ -86,7 +86,8 @@ def add_layer_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Te
     z = torch.empty_like(x, memory_format=torch.contiguous_format)
     y2, z2 = y.view(-1, dim) if delta is not None else x2, z.view(-1, dim)
     args, options = launch_arguments(x2, d2, weight, bias, y2, z2, eps, cls_period, has_delta=delta is not None)
-    _add_layer_norm_kernel[(x2.shape[0],)](*args, **options)
+    with device_guard(x):
+        _add_layer_norm_kernel[(x2.shape[0],)](*args, **options)
     return y, z
 
 

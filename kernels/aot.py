@@ -149,34 +149,41 @@ _PTXAS = {
 }
 
 
-def compile_case(case: Case, target: str, config: STTConfig) -> Facts:
-    """Compile one case for one target and read its facts; a failed compile is a fact too (error)."""
+def compile_kernel(case: Case, target: str, config: STTConfig):
+    """Triton's compiled kernel of one case for one target (its .asm holds "ttir", "ptx", "cubin")."""
     import triton
-    import triton.knobs
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from triton.compiler.compiler import make_backend
     from triton.runtime.jit import create_function_from_signature
 
-    capability = TARGETS[target][0]
-    facts = Facts(case, target, shared_limit=SHARED_MEMORY_PER_BLOCK[f"{capability // 10}.{capability % 10}"])
-    excluded = EXCLUDED.get((capability // 10, capability % 10), {}).get(case.mode, {})
-    facts.excluded = NOT_A_TRITON_TARGET if capability < 80 else excluded.get(case.config)
     kernel, args, kwargs = _launch_signature(case, config)
     if not hasattr(kernel, "_pack_args"):
         raise RuntimeError("ahead-of-time compiles need the real Triton JIT: unset TRITON_INTERPRET")
-    gpu = GPUTarget("cuda", capability, 32)
+    gpu = GPUTarget("cuda", TARGETS[target][0], 32)
     backend = make_backend(gpu)
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
     bound, specialization, options = binder(*args, **kwargs)
     options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
+    return triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=gpu, options=options.__dict__)
+
+
+def compile_case(case: Case, target: str, config: STTConfig) -> Facts:
+    """Compile one case for one target and read its facts; a failed compile is a fact too (error)."""
+    import triton
+    import triton.knobs
+
+    capability = TARGETS[target][0]
+    facts = Facts(case, target, shared_limit=SHARED_MEMORY_PER_BLOCK[f"{capability // 10}.{capability % 10}"])
+    excluded = EXCLUDED.get((capability // 10, capability % 10), {}).get(case.mode, {})
+    facts.excluded = NOT_A_TRITON_TARGET if capability < 80 else excluded.get(case.config)
+    kernel = _launch_signature(case, config)[0]
     log = io.StringIO()
     started = time.perf_counter()
     triton.knobs.nvidia.dump_ptxas_log = True
     try:
         with contextlib.redirect_stdout(log):
-            compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=gpu,
-                                      options=options.__dict__)
+            compiled = compile_kernel(case, target, config)
     except Exception as e:  # a candidate that does not compile for this target is a fact to record
         facts.error = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"
         return facts

@@ -45,6 +45,8 @@ before each product: the same products the tensor cores form, accumulated in flo
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import logging
 import math
 
@@ -67,6 +69,8 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 MODE_IDS = {"joint": 0, "spatial": 1, "temporal": 2}
 MAX_GRID_Y = 65535  # CUDA's limit on the second grid dimension, which holds B * H
+# What the autotuner keys its choice on: the group shape and the batch size's bucket (batch_bucket).
+AUTOTUNE_KEY = ("L", "T", "N", "MODE", "HEAD_DIM", "BATCH_BUCKET")
 LOG2_E = 1.4426950408889634
 
 log = logging.getLogger(__name__)
@@ -205,7 +209,7 @@ if HAS_TRITON:
         tl.store(o_base + rows[:, None] * stride_ol + offs_d[None, :], out.to(o_base.dtype.element_ty),
                  mask=valid[:, None])
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["BATCH_BUCKET"])
     def _st_attention_kernel(
         Q, K, V, O,
         stride_qb, stride_ql, stride_qh, stride_qd,
@@ -215,10 +219,15 @@ if HAS_TRITON:
         H, L, T, N, qk_scale,
         MODE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         CLS_BLOCK: tl.constexpr, T_PAD: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+        BATCH_BUCKET,
     ):
+        # BATCH_BUCKET is read by no instruction: it is in the autotuner's key (batch_bucket), so that the
+        # configuration timed at batch 2 is not reused at batch 64, and is never specialised on.
         pid = tl.program_id(0)
         bh = tl.program_id(1)
-        b = bh // H
+        # 64-bit: b * stride_qb passes 2**31 from batch 1,782 with packed qkv at the paper's shape
+        # (stride 785 * 3 * 512); within a clip every offset stays far below it.
+        b = (bh // H).to(tl.int64)
         h = bh % H
         q_base = Q + b * stride_qb + h * stride_qh
         k_base = K + b * stride_kb + h * stride_kh
@@ -276,11 +285,16 @@ if HAS_TRITON:
         # benchmarking, and everything else (key, pruning, grid(meta)) runs as on a GPU.
         return kept[:1] if interpreting() else kept
 
+    # Timings kept on disk (Triton's cache folder) where this Triton can, so that a new process does not
+    # time every candidate again; Triton turns it off under the interpreter, which times nothing.
+    _DISK_CACHE = ({"cache_results": True}
+                   if "cache_results" in inspect.signature(triton.autotune).parameters else {})
+
     def _autotuned(mode: str, dtype_name: str = "fp16"):
         configs = [triton.Config({"BLOCK_M": c.block_m, "BLOCK_N": c.block_n}, num_warps=c.num_warps,
                                  num_stages=c.num_stages) for c in candidate_table(dtype_name)[mode]]
-        return triton.autotune(configs=configs, key=["L", "T", "N", "MODE", "HEAD_DIM"],
-                               prune_configs_by={"early_config_prune": _prune})(_st_attention_kernel)
+        return triton.autotune(configs=configs, key=list(AUTOTUNE_KEY),
+                               prune_configs_by={"early_config_prune": _prune}, **_DISK_CACHE)(_st_attention_kernel)
 
     _TUNED = {}
 
@@ -324,6 +338,21 @@ def programs_per_head(mode: str, length: int, frames: int, patches: int, block_m
     return patches * triton.cdiv(frames, block_m)
 
 
+def batch_bucket(batch: int) -> int:
+    """The batch size as the autotuner sees it: rounded up to a power of two. The best tile changes with
+    the number of programs in flight (B * H * programs per head against the GPU's SMs), so batch 1 and
+    batch 64 are timed apart, while 33..64 share one choice and a new batch size rarely re-tunes."""
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
+    return 1 << (batch - 1).bit_length()
+
+
+def device_guard(t: torch.Tensor):
+    """The context in which a kernel on t's device is launched: Triton launches on the current CUDA
+    device, so a tensor on cuda:1 needs cuda:1 made current (a no-op when it already is)."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
 def batch_chunks(batch: int, heads: int, max_grid_y: int | None = None) -> list[tuple[int, int]]:
     """[b0, b1) ranges of whole clips whose B * H programs fit grid axis 1 (CUDA's limit: 65535)."""
     per_launch = max(1, (max_grid_y or MAX_GRID_Y) // heads)
@@ -349,6 +378,7 @@ def kernel_arguments(shape, mode: str, dtype: torch.dtype, scale: float, *, inte
         DOT_FP32=interpreted and dtype == torch.bfloat16,
         # IEEE float32 products for float32 inputs: TF32 would cost ~1e-3 of relative error
         PRECISION="ieee" if dtype == torch.float32 else "tf32",
+        BATCH_BUCKET=batch_bucket(shape.batch),
     )
 
 
@@ -357,17 +387,27 @@ def tensor_arguments(q, k, v, out) -> list:
     return [q, k, v, out, *(s for t in (q, k, v) for s in t.stride()), *out.stride()[:3]]
 
 
-def _launch(q, k, v, out, shape, mode: str, scale: float) -> None:
+def _launch(q, k, v, out, shape, mode: str, scale: float, config: LaunchConfig | None = None) -> None:
+    """Launch the kernel over q, k, v into out: autotuned, or with one given launch configuration
+    (config, as the tests force each candidate of the tables once)."""
     args = kernel_arguments(shape, mode, q.dtype, scale, interpreted=q.device.type == "cpu")
-    kernel = _tuned(mode, _dtype_name(q))
+    if config is None:
+        kernel = _tuned(mode, _dtype_name(q))
+    else:
+        kernel = _st_attention_kernel
+        args.update(BLOCK_M=config.block_m, BLOCK_N=config.block_n, num_warps=config.num_warps,
+                    num_stages=config.num_stages)
     # B * H rides on grid axis 1 (limit 65535): very large batches go in chunks of whole clips.
-    for b0, b1 in batch_chunks(shape.batch, shape.heads):
-        bh = (b1 - b0) * shape.heads
+    with device_guard(q):
+        for b0, b1 in batch_chunks(shape.batch, shape.heads):
+            bh = (b1 - b0) * shape.heads
 
-        def grid(meta, bh=bh):
-            return (programs_per_head(mode, shape.length, shape.num_frames, shape.num_patches, meta["BLOCK_M"]), bh)
+            def grid(meta, bh=bh):
+                return (programs_per_head(mode, shape.length, shape.num_frames, shape.num_patches, meta["BLOCK_M"]),
+                        bh)
 
-        kernel[grid](*tensor_arguments(*(t[b0:b1] for t in (q, k, v, out))), **args)
+            kernel[grid](*tensor_arguments(*(t[b0:b1] for t in (q, k, v, out))),
+                         **{**args, "BATCH_BUCKET": batch_bucket(b1 - b0)})
 
 
 def st_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, num_frames: int, mode: str,

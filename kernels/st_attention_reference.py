@@ -4,7 +4,7 @@ This is the attention of the reference model (stt_fast.model) and the ground tru
 kernel beside it. It regroups tokens through stt_fast.layout, so it knows nothing of the layout
 itself. For each group of tokens (see stt_fast.layout):
 
-    O = softmax(scale * Q K^T) V,    softmax in float32 (float64 when the inputs are float64)
+    O = softmax((scale * Q) K^T) V,    softmax in float32 (float64 when the inputs are float64)
 """
 
 from __future__ import annotations
@@ -17,10 +17,14 @@ from .contract import check_attention_inputs
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """Full attention within groups: q, k, v [..., S, H, Dh] -> [..., S, H, Dh]."""
+    """Full attention within groups: q, k, v [..., S, H, Dh] -> [..., S, H, Dh].
+
+    The scale multiplies Q before the first product, as TensorRT's attention fusion requires of the
+    graphs it fuses ("Fused Attention" in its developer guide), and which keeps float16 scores of large
+    activations from overflowing before the float32 softmax."""
     q, k, v = (t.transpose(-2, -3) for t in (q, k, v))  # [..., H, S, Dh]
-    scores = torch.matmul(q, k.transpose(-1, -2))
-    scores = scores.to(torch.promote_types(scores.dtype, torch.float32)) * scale
+    scores = torch.matmul(q * scale, k.transpose(-1, -2))
+    scores = scores.to(torch.promote_types(scores.dtype, torch.float32))
     probs = scores.softmax(dim=-1).to(v.dtype)
     return torch.matmul(probs, v).transpose(-2, -3)
 

@@ -12,10 +12,14 @@ its error and no label: a bad file never stops the run), backend, model_sha256 (
 from).
 
 Output: OUT is a folder of part files, one per batch, each written under a temporary name and renamed when
-complete, so a reader never sees a half-written part (Parquet: `pandas.read_parquet(OUT)`; JSON lines:
+complete, so a reader never sees a half-written part (Parquet: `pandas.read_parquet(OUT)`,
+`pyarrow.dataset.dataset(OUT)`, `ray.data.read_parquet(OUT)` or a glob of `OUT/*.parquet`; JSON lines:
 `cat OUT/*.jsonl`). A second run over the same SOURCE and OUT skips the clips already written and
 finishes the rest; an interrupted run (Ctrl-C, a killed worker or driver) loses at most the batches in
-flight. OUT/manifest.json records the model, backend and counts of the last complete run.
+flight. Clips that could not be read keep their row (with its error) and are not tried again unless
+retry_failed, which takes their rows out of the part files first and then annotates them anew.
+OUT/_manifest.json records the model, backend and counts of the last complete run (its leading
+underscore keeps it out of what Parquet readers take for data, as the temporary files' leading dot does).
 
 Execution: without Ray, one process decodes and predicts batch by batch. With Ray (an optional extra,
 stt-fast[ray]), Ray Data runs decoding and sampling as parallel CPU tasks and inference in a pool of
@@ -31,7 +35,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +45,7 @@ from .files import sha256_file, write_text_atomic
 
 FORMATS = ("parquet", "jsonl")
 PART_PREFIX = "part-"
+MANIFEST = "_manifest.json"
 
 
 # --- what to annotate ----------------------------------------------------------------------------------
@@ -107,13 +112,39 @@ def read_rows(out: str | os.PathLike) -> list[dict]:
     """Every row of every complete part file in OUT (temporary files of an interrupted run are ignored)."""
     rows = []
     for path in sorted(Path(out).glob(f"{PART_PREFIX}*")):
-        if path.suffix == ".jsonl":
-            rows += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        elif path.suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            rows += pq.read_table(str(path)).to_pylist()
+        if path.suffix in (".jsonl", ".parquet"):
+            rows += _part_rows(path)
     return rows
+
+
+def _part_rows(path: Path) -> list[dict]:
+    if path.suffix == ".jsonl":
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    import pyarrow.parquet as pq
+
+    return pq.read_table(str(path)).to_pylist()
+
+
+def drop_failed_rows(out: Path, columns: Sequence[str]) -> int:
+    """Take the rows of clips that could not be read out of OUT's part files (each part rewritten whole,
+    atomically, or removed when nothing else is in it) and return how many there were: those clips are
+    then not done, and the next run annotates them again."""
+    dropped = 0
+    for path in sorted(out.glob(f"{PART_PREFIX}*")):
+        if path.suffix not in (".jsonl", ".parquet"):
+            continue
+        rows = _part_rows(path)
+        kept = [r for r in rows if not r.get("error")]
+        if len(kept) == len(rows):
+            continue
+        dropped += len(rows) - len(kept)
+        if kept:
+            written = write_part(out, kept, path.suffix[1:], columns)
+            if written != path:
+                path.unlink()
+        else:
+            path.unlink()
+    return dropped
 
 
 def _clean_partial(out: Path) -> int:
@@ -205,6 +236,7 @@ class AnnotateResult:
     errors: int
     seconds: float
     output: Path
+    failed: list[str] = field(default_factory=list)  # clips of SOURCE whose rows in OUT hold an error
 
     @property
     def clips_per_second(self) -> float:
@@ -284,10 +316,12 @@ def annotate(source: str | os.PathLike, output: str | os.PathLike, *, backend: s
              checkpoint: str | None = None, onnx: str | None = None, engine: str | None = None,
              device: str | None = None, batch_size: int = 16, detect_face: bool = False, fmt: str | None = None,
              ray_address: str | None = None, workers: int = 1, gpus_per_worker: float = 0.0,
-             cpus_per_worker: float = 1.0, on_batch: Callable[[int, int, int], None] | None = None) -> AnnotateResult:
+             cpus_per_worker: float = 1.0, on_batch: Callable[[int, int, int], None] | None = None,
+             retry_failed: bool = False) -> AnnotateResult:
     """Annotate every clip of source into the output folder (see the module docstring); resumable.
 
-    on_batch(done, total, errors) is called after each written batch (progress)."""
+    on_batch(done, total, errors) is called after each written batch (progress). retry_failed: clips
+    whose rows hold an error are annotated again (their old rows removed first)."""
     fmt = fmt or ("parquet" if _has_pyarrow() else "jsonl")
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
@@ -309,15 +343,18 @@ def annotate(source: str | os.PathLike, output: str | os.PathLike, *, backend: s
     out.mkdir(parents=True, exist_ok=True)
     _clean_partial(out)
     model_sha256 = sha256_file(model_file)
+    config = _config_of(spec)
+    columns = row_columns(_labels(config))
     existing = read_rows(out)
     other_model = {r["model_sha256"] for r in existing} - {model_sha256}
     if other_model:
         raise ValueError(f"{out} holds annotations by another model ({sorted(other_model)[0][:12]}...): choose another "
                          "output folder")
+    if retry_failed and any(r.get("error") for r in existing):
+        drop_failed_rows(out, columns)
+        existing = read_rows(out)
     done = {r["path"] for r in existing}
     todo = [p for p in paths if p not in done]
-    config = _config_of(spec)
-    columns = row_columns(_labels(config))
     started = time.perf_counter()
     written = errors = 0
     if on_batch:
@@ -333,10 +370,13 @@ def annotate(source: str | os.PathLike, output: str | os.PathLike, *, backend: s
             if on_batch:
                 on_batch(len(paths) - len(todo) + written, len(paths), errors)
     seconds = time.perf_counter() - started
-    result = AnnotateResult(len(paths), len(paths) - len(todo), written, errors, seconds, out)
-    write_text_atomic(out / "manifest.json", json.dumps({
+    failed = sorted(r["path"] for r in read_rows(out) if r.get("error") and r["path"] in set(paths))
+    result = AnnotateResult(len(paths), len(paths) - len(todo), written, errors, seconds, out, failed)
+    (out / "manifest.json").unlink(missing_ok=True)  # where earlier versions kept it: Parquet readers choke on it
+    write_text_atomic(out / MANIFEST, json.dumps({
         "source": str(source), "clips": len(paths), "written_this_run": written, "skipped_already_done": len(done),
-        "errors_this_run": errors, "backend": backend, "model_file": str(model_file), "model_sha256": model_sha256,
+        "errors_this_run": errors, "failed_clips": len(failed), "backend": backend, "model_file": str(model_file),
+        "model_sha256": model_sha256,
         "format": fmt, "ray": ray_address, "workers": workers, "batch_size": batch_size,
         "seconds": round(seconds, 2), "clips_per_second": round(result.clips_per_second, 3)}, indent=2))
     return result

@@ -74,6 +74,18 @@ def crop_scale(text: str) -> tuple[float, float]:
     return low, high
 
 
+def device_name(text: str) -> str:
+    """A device this machine has (cpu, cuda, cuda:N), checked at parse time so that nothing starts (and
+    nothing is written) for a device that is not there."""
+    from stt_fast.devices import check_device
+
+    try:
+        check_device(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 def batch_range(text: str) -> str:
     from stt_fast.export.onnx_export import BatchRange
 
@@ -158,7 +170,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
     sidecar = build_from_onnx(args.onnx, args.output, checkpoint=args.checkpoint, batch=args.batch,
                               workspace_gib=args.workspace_gib, optimization_level=args.opt_level,
                               timing_cache=args.timing_cache, version_compatible=args.version_compatible,
-                              hardware_compatibility="ampere_plus" if args.hardware_compatible else "none",
+                              hardware_compatibility=args.hardware_compatibility,
                               overwrite=args.force, progress=not args.quiet)
     return 0 if sidecar["accuracy"] is None or sidecar["accuracy"]["passed"] else 1
 
@@ -174,8 +186,11 @@ def _cmd_triton_repo(args: argparse.Namespace) -> int:
 
     path = write_triton_repository(args.model, args.output, name=args.name, max_batch_size=args.max_batch,
                                    max_queue_delay_us=args.max_queue_delay_us, instances=args.instances,
-                                   overwrite=args.force)
-    print(f"[triton-repo] wrote {path}")
+                                   instance_kind=args.instance_kind, overwrite=args.force)
+    print(f"[triton-repo] wrote {path} (version {path.name} of model {path.parent.name})")
+    if (path.parent / "config.pbtxt").read_text().startswith("# A version-compatible"):
+        print("[triton-repo] a version-compatible plan: start tritonserver with "
+              "--backend-config=tensorrt,version-compatible=true")
     return 0
 
 
@@ -183,8 +198,8 @@ def _datasets(args, config, *, train_split: bool):
     from stt_fast.data.datasets import ClipDataset, class_folder_items, dfew_items
 
     problems: list[str] = []
-    if args.layout == "dfew":
-        eval_items = dfew_items(args.data, args.fold, "test", skip_missing=train_split, problems=problems)
+    if args.layout == "dfew":  # a missing or unreadable clip is skipped and reported, never fatal (README)
+        eval_items = dfew_items(args.data, args.fold, "test", skip_missing=True, problems=problems)
         train_items = dfew_items(args.data, args.fold, "train", skip_missing=True, problems=problems) \
             if train_split else None
     else:
@@ -193,7 +208,8 @@ def _datasets(args, config, *, train_split: bool):
     for problem in problems:
         print(f"[data] skipped: {problem}", file=sys.stderr)
     common = dict(num_frames=config.num_frames, image_size=config.image_size)
-    eval_set = ClipDataset(eval_items, train=False, skip_bad=train_split, **common)
+    eval_set = ClipDataset(eval_items, train=False, skip_bad=True, **common)
+    eval_set.problems = problems
     if not train_split:
         return eval_set
     return ClipDataset(train_items, train=True, skip_bad=True, crop_scale=tuple(args.crop_scale), **common), eval_set
@@ -249,19 +265,26 @@ def _load_predictor(args):
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    from stt_fast.files import refuse_to_replace
     from stt_fast.metrics import plot_confusion_matrix
     from stt_fast.training import evaluate
 
+    refuse_to_replace([args.confusion_png] if args.confusion_png else [], args.force)  # before minutes of work
     predictor = _load_predictor(args)
     dataset = _datasets(args, predictor.config, train_split=False)
     result = evaluate(predictor, dataset, batch_size=args.batch_size, workers=args.workers, progress=not args.quiet)
     result["backend"] = predictor.name
+    for item in result["bad_clips"]:  # (missing ones were reported as the set was read)
+        print(f"stt-fast eval: skipped: {item['path']}: {item['error']}", file=sys.stderr)
+    result["bad_clips"] = [{"path": None, "error": p} for p in dataset.problems] + result["bad_clips"]
     if args.confusion_png:
         plot_confusion_matrix(result["confusion_matrix"], args.confusion_png, title=predictor.name)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        print(f"{predictor.name}: WAR {result['war']:.4f}  UAR {result['uar']:.4f}  ({result['samples']} clips)")
+        left_out = f", {len(result['bad_clips'])} unreadable left out" if result["bad_clips"] else ""
+        print(f"{predictor.name}: WAR {result['war']:.4f}  UAR {result['uar']:.4f}  ({result['samples']} clips"
+              f"{left_out})")
         for name, recall in result["per_class_recall"].items():
             print(f"  {name:9s} recall {recall:.4f}")
     return 0
@@ -341,7 +364,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_report(args: argparse.Namespace) -> int:
-    from stt_fast.benchmarks.report import compare, load_results, write_report
+    from stt_fast.benchmarks.report import compare, load_results, peak_ratio, write_report
 
     root = args.results
     if args.baseline:
@@ -355,13 +378,39 @@ def _cmd_bench_report(args: argparse.Namespace) -> int:
         for line in regressions:
             print(f"REGRESSION {line}")
         print(f"[bench report] {current[-1]['_path']} vs {baseline[-1]['_path']}: "
-              f"{len(regressions)} regression(s) at threshold {args.threshold:.0%}")
+              f"{len(regressions)} regression(s) at threshold {args.threshold:.0%}, latencies scaled by the measured "
+              f"matmul peaks ({peak_ratio(current[-1], baseline[-1]):.2f}x the baseline's)")
         return 1 if regressions else 0
-    text = write_report(root, args.markdown, args.plots)
+    text = write_report(root, args.markdown, args.plots, overwrite=args.force, include_selftest=args.include_selftest)
     if not args.markdown:
         print(text)
     else:
         print(f"[bench report] wrote {args.markdown}" + (f" and plots in {args.plots}" if args.plots else ""))
+    return 0
+
+
+def _cmd_cache(args: argparse.Namespace) -> int:
+    import datetime
+
+    from stt_fast import cache
+
+    if args.cache_action == "clear":
+        kinds = cache.KINDS if args.kind == "all" else (args.kind,)
+        removed = cache.clear(kinds)
+        print(f"[cache] removed {len(removed)} entries ({sum(e.nbytes for e in removed) / 2**20:.0f} MB)")
+        return 0
+    found = cache.entries()
+    if args.json:
+        print(json.dumps({"limit_bytes_per_kind": cache.limit_bytes(), "entries": [
+            {"kind": e.kind, "path": str(e.path), "bytes": e.nbytes,
+             "last_used": datetime.datetime.fromtimestamp(e.last_used, datetime.timezone.utc).isoformat()}
+            for e in found]}, indent=2))
+        return 0
+    for _, folder in cache.kind_folders():
+        print(cache.describe(folder))
+    for e in found:
+        used = datetime.datetime.fromtimestamp(e.last_used).strftime("%Y-%m-%d %H:%M")
+        print(f"  {e.kind:8s} {e.key}  {e.nbytes / 2**20:8.1f} MB  last used {used}")
     return 0
 
 
@@ -430,18 +479,37 @@ def _cmd_annotate(args: argparse.Namespace) -> int:
     result = annotate(args.source, args.output, backend=args.backend, checkpoint=args.checkpoint, onnx=args.onnx,
                       engine=args.engine, device=args.device, batch_size=args.batch_size, detect_face=args.detect_face,
                       fmt=args.format, ray_address=args.ray, workers=args.workers,
-                      gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker, on_batch=on_batch)
+                      gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker, on_batch=on_batch,
+                      retry_failed=args.retry_failed)
     bar.close()
     print(f"[annotate] {result.total} clips in {args.source}: {result.skipped_done} already in {result.output}, "
           f"{result.written} annotated now ({result.errors} could not be read) in {result.seconds:.1f} s, "
           f"{result.clips_per_second:.2f} clips/s")
+    if result.failed:
+        print(f"stt-fast annotate: {len(result.failed)} of {result.total} clips could not be read (their rows hold "
+              f"the error, e.g. {result.failed[0]}); --retry-failed tries them again", file=sys.stderr)
+        return 2
     return 0
 
 
 # --- the parser ----------------------------------------------------------------------------------------
 
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults shown beside each option's help; descriptions keep their line breaks."""
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Each option's default shown once, in words, beside its help (lists as they are typed: 1,8,64 and
+    MIN:MAX); none for flags, for options without a default, or where the help already says it;
+    descriptions keep their line breaks."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if ("default" in text or default in (None, False, argparse.SUPPRESS) or not action.option_strings
+                and action.nargs not in ("?", "*")):
+            return text
+        if isinstance(default, (list, tuple)):
+            shown = (":" if isinstance(default, tuple) else ",").join(str(v) for v in default)
+        else:
+            shown = str(default)
+        return f"{text} (default: {shown})"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -467,7 +535,8 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=positive_int, default=32, help="clips per batch")
     p.add_argument("--workers", type=non_negative_int, default=None,
                    help="data loader processes (default: up to 4)")
-    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--device", default=None, type=device_name,
+                   help="cpu, cuda or cuda:N (default: cuda when available)")
 
 
 def _add_backend_args(p: argparse.ArgumentParser) -> None:
@@ -515,9 +584,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workspace-gib", type=positive_float, default=4.0, help="builder workspace limit")
     p.add_argument("--opt-level", type=int, default=3, choices=range(6), metavar="0-5",
                    help="builder optimization level")
-    p.add_argument("--timing-cache", default=None, help="timing cache file, loaded and saved")
-    p.add_argument("--version-compatible", action="store_true", help="runs on later TensorRT versions")
-    p.add_argument("--hardware-compatible", action="store_true", help="runs on any Ampere or newer GPU")
+    p.add_argument("--timing-cache", default=None, metavar="DIR",
+                   help="folder of timing caches (one per TensorRT version, GPU and flags), loaded and saved")
+    p.add_argument("--version-compatible", action="store_true",
+                   help="runs on this TensorRT and later ones, up to the next major version")
+    p.add_argument("--hardware-compatibility", default="none",
+                   choices=("none", "ampere_plus", "same_compute_capability"),
+                   help="none: this GPU's compute capability only; ampere_plus: any Ampere or newer discrete GPU; "
+                        "same_compute_capability: any GPU of this compute capability (neither on Jetson)")
     p.add_argument("--force", action="store_true", help="replace an existing engine")
     _add_quiet(p)
     p.set_defaults(func=_cmd_build)
@@ -534,9 +608,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=positive_int, default=None,
                    help="largest batch the server forms (default: the engine's profile maximum)")
     p.add_argument("--max-queue-delay-us", type=non_negative_int, default=2000, help="dynamic batching delay")
-    p.add_argument("--instances", type=positive_int, default=1, help="model instances per GPU")
+    p.add_argument("--instances", type=positive_int, default=1, help="model instances per device")
+    p.add_argument("--instance-kind", default="gpu", choices=("gpu", "cpu"),
+                   help="where the server runs the model (cpu: ONNX models only)")
     p.add_argument("--force", "--overwrite", dest="force", action="store_true",
-                   help="replace an existing model folder in the repository")
+                   help="add the model as the next version of an existing model folder (earlier versions kept)")
     p.set_defaults(func=_cmd_triton_repo)
 
     p = sub.add_parser(
@@ -550,7 +626,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated (default 1,8 on a CPU; 1,8,64,256 on a GPU)")
     p.add_argument("--backends", type=name_list, default=None,
                    help="comma-separated (default: every backend; unavailable ones are listed with the reason)")
-    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--device", default=None, type=device_name,
+                   help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--checkpoint", default=None, help="benchmark this model (default: random weights)")
     p.add_argument("--labelled", default=None, help="a DFEW-layout folder, or 'synthetic' (trains a tiny model)")
     p.add_argument("--fold", type=int, default=1, choices=[1, 2, 3, 4, 5], help="DFEW fold of --labelled")
@@ -562,13 +639,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_bench)
     bench_sub = p.add_subparsers(dest="bench_action", title="subcommand (optional)", metavar="report",
                                  parser_class=_Parser)
-    r = bench_sub.add_parser("report", help="markdown tables and plots of stored results; regression check",
+    r = bench_sub.add_parser("report", prog="stt-fast bench report",
+                             help="markdown tables and plots of stored results; regression check",
                              description="Tables (stdout or --markdown) and plots of stored results, newest run "
                                          "per machine and config; with --baseline, the regression check (exit "
                                          "status 1 on a regression).")
     r.add_argument("results", nargs="?", default="results", help="results folder or file")
     r.add_argument("--markdown", default=None, help="write the tables to this file (default: print)")
     r.add_argument("--plots", default=None, help="write PNG plots to this folder")
+    r.add_argument("--force", action="store_true", help="replace an existing --markdown file or plots")
+    r.add_argument("--include-selftest", action="store_true",
+                   help="also report the short runs of 'stt-fast selftest' (left out: they are not full runs)")
     r.add_argument("--baseline", default=None, help="a stored result to compare the newest run against")
     r.add_argument("--current", default=None, help="the run to check (default: the newest under RESULTS)")
     r.add_argument("--threshold", type=non_negative_float, default=0.10, help="allowed slowdown, as a fraction")
@@ -592,12 +673,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_quiet(k)
     p.set_defaults(func=_cmd_kernels)
 
+    p = sub.add_parser("cache", help="the cache of exported graphs and engines: list it, or clear it",
+                       description="Exported ONNX programs and TensorRT engines are cached under "
+                                   "$XDG_CACHE_HOME/stt_fast (~/.cache/stt_fast), bounded to STT_FAST_CACHE_LIMIT_MB "
+                                   "(1024 MB by default; 0: no bound) per kind, least recently used out first.")
+    cache_sub = p.add_subparsers(dest="cache_action", required=True, metavar="list|clear", parser_class=_Parser)
+    c = cache_sub.add_parser("list", help="every cached entry, its size and when it was last used")
+    c.add_argument("--json", action="store_true", help="one JSON object instead of a table")
+    c = cache_sub.add_parser("clear", help="remove cached entries")
+    c.add_argument("--kind", default="all", choices=("all", "onnx", "engines"), help="which kind of entry")
+    p.set_defaults(func=_cmd_cache)
+
     p = sub.add_parser("selftest", help="verify everything this machine's GPU (or CPU) can verify; one folder out",
                        description="Kernels against references on the device, CUDA graphs, every backend with "
                                    "validation, no host syncs, the kernel microbenchmark, the benchmark suite, a "
                                    "TensorRT engine, and the compile facts of this GPU. On a machine without a GPU "
                                    "it runs the CPU parts and lists what it skipped and why.")
-    p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
+    p.add_argument("--device", default=None, type=device_name,
+                   help="cuda, cuda:N or cpu (default: cuda when available)")
     p.add_argument("--output", default="results/selftest", help="results folder (a subfolder per machine and run)")
     p.add_argument("--config", default=DEFAULT_PRESET, choices=sorted(PRESETS), help="the model to check")
     p.add_argument("--quick", action="store_true", help="fewer shapes and batch sizes")
@@ -633,6 +726,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(p)
     _add_backend_args(p)
     p.add_argument("--confusion-png", help="write the confusion matrix as a PNG")
+    p.add_argument("--force", action="store_true", help="replace an existing --confusion-png file")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     _add_quiet(p)
     p.set_defaults(func=_cmd_eval)
@@ -644,7 +738,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true",
                    help='one JSON line per path: {"path", "label", "probabilities", "warnings"} or {"path", "error"}')
     p.add_argument("--batch-size", type=positive_int, default=16, help="clips per batch")
-    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--device", default=None, type=device_name,
+                   help="cpu, cuda or cuda:N (default: cuda when available)")
     _add_quiet(p)
     p.set_defaults(func=_cmd_predict)
 
@@ -667,7 +762,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpus-per-worker", type=positive_float, default=1.0, help="CPUs per actor (with --ray)")
     p.add_argument("--batch-size", type=positive_int, default=16, help="clips per batch (and per part file)")
     p.add_argument("--detect-face", action="store_true", help="detect and crop the face (OpenCV)")
-    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N for each worker (default: cuda when available)")
+    p.add_argument("--retry-failed", action="store_true",
+                   help="annotate again the clips whose rows in OUT hold an error (unreadable before)")
+    p.add_argument("--device", default=None, type=device_name,
+                   help="cpu, cuda or cuda:N for each worker (default: cuda when available)")
     _add_quiet(p)
     p.set_defaults(func=_cmd_annotate)
 
@@ -700,7 +798,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
-    action = getattr(args, "bench_action", None) or getattr(args, "kernels_action", None)
+    action = (getattr(args, "bench_action", None) or getattr(args, "kernels_action", None)
+              or getattr(args, "cache_action", None))
     command = f"{args.command} {action}" if action else args.command
     args.given = _given(parser.commands[args.command], argv)
     _setup_logging(getattr(args, "quiet", False))

@@ -37,6 +37,14 @@ def current_umask() -> int:
     return mask
 
 
+def refuse_to_replace(paths, overwrite: bool) -> None:
+    """FileExistsError naming the first of paths that exists, unless overwrite: nothing a user has is
+    replaced without being asked (--force)."""
+    existing = [Path(p) for p in paths if Path(p).exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"{existing[0]} exists; pass --force to replace it")
+
+
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
     with atomic_output(path) as tmp:
         tmp.write_bytes(data)

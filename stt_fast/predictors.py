@@ -67,6 +67,9 @@ def load_predictor(kind: str, *, checkpoint: str | os.PathLike | None = None, on
         raise ValueError("backend 'tensorrt' needs --engine MODEL.engine")
     from stt_fast.export.engine_runtime import EngineRunner
 
-    runner = EngineRunner(engine, buffers="torch", device=dev.index or 0)
+    from .devices import cuda_device_index
+
+    # float clips in [0, 1] go to the runner as they are: it rescales them to the engine's input dtype
+    runner = EngineRunner(engine, buffers="torch", device=cuda_device_index(dev))
     config = STTConfig.from_dict(runner.sidecar["config"])
     return Predictor(f"tensorrt ({runner.sidecar['precision']})", config, runner)

@@ -4,12 +4,15 @@ No GPU has run this project's GPU code yet. Whoever has one runs `stt-fast selft
 and sends back the folder it writes (SUMMARY.md first). Items, each passed, failed or skipped with the
 reason:
 
-    kernels        st_attention (every mode x dtype x head dim) and add_layer_norm on the device against
-                   float64 references; on a CPU, the same through Triton's interpreter (a subprocess)
+    kernels        st_attention (every mode x dtype x head dim; whole output, worst row, cls rows) and
+                   add_layer_norm on the device against float64 references, and on a GPU every candidate
+                   of the launch tables forced once at the paper's shape (batch 2, 8 heads); on a CPU,
+                   the small shapes through Triton's interpreter (a subprocess)
     cuda-graphs    the compiled module with CUDA graphs across batch sizes: logits and the graph cache
     backends       stt_fast.compile with validation, every backend and precision this machine has
     no-host-sync   steady-state calls with torch.cuda.set_sync_debug_mode("error"); on a CPU, the CUDA
                    path traced on fake CUDA tensors (a data-dependent branch would raise there)
+    devices        triton and tensorrt backends on the last of several GPUs (not the current device)
     kernel-bench   the st_attention microbenchmark (fraction of the roofline bound on a known GPU)
     bench          the benchmark suite, batch 1, 8 and 64 on a GPU (the tiny config, batch 1 and 8, on a CPU)
     tensorrt       export -> FP16 engine build -> check of the config's model (TensorRT and a GPU)
@@ -84,12 +87,28 @@ def fake_cuda_module(model, ops: str, dtype: torch.dtype, mode):
 # --- the items -----------------------------------------------------------------------------------------
 
 KERNEL_CHECK = r"""
-import json, sys, torch
-from stt_fast.accuracy import relative_error, tolerance
+import importlib, json, sys, torch
+from stt_fast.accuracy import relative_error, row_relative_errors, tolerance
 from stt_fast.kernels import add_layer_norm, add_layer_norm_reference, st_attention, st_attention_reference
+from stt_fast.kernels.st_attention_configs import candidate_table, fitting
+impl = importlib.import_module("stt_fast.kernels.st_attention")
 device = sys.argv[1]
-shapes = [(2, 3, 5, 2), (1, 16, 49, 2)] if sys.argv[2] == "full" else [(2, 3, 5, 2)]
+full = sys.argv[2] == "full"
+shapes = [(2, 3, 5, 2), (2, 16, 49, 8)] if full else [(2, 3, 5, 2)]
 worst, checked = {}, 0
+
+def compare(out, q, k, v, t, mode, dtype, key):
+    # the whole output, its worst token row and the cls rows: a norm over the whole hides one wrong row
+    global checked
+    ref = st_attention_reference(*(x.cpu().double() for x in (q, k, v)), num_frames=t, mode=mode)
+    rows = row_relative_errors(out, ref, row_dims=2).view(out.shape[0], out.shape[1])
+    errors = {"whole": relative_error(out, ref), "row": rows.max().item(), "cls": rows[:, 0].max().item()}
+    for kind, err in errors.items():
+        worst[f"{key} {kind}"] = max(worst.get(f"{key} {kind}", 0.0), err)
+    bound = tolerance(dtype)
+    assert errors["whole"] < bound.kernel and errors["row"] < bound.row and errors["cls"] < bound.row, (key, errors)
+    checked += 1
+
 for dtype in (torch.float16, torch.bfloat16, torch.float32):
     for head_dim in (16, 32, 64, 128):
         for b, t, n, h in shapes:
@@ -97,12 +116,7 @@ for dtype in (torch.float16, torch.bfloat16, torch.float32):
             q, k, v = qkv.unbind(2)
             for mode in ("joint", "spatial", "temporal"):
                 out = st_attention(q, k, v, num_frames=t, mode=mode)
-                ref = st_attention_reference(*(x.cpu().double() for x in (q, k, v)), num_frames=t, mode=mode)
-                err = relative_error(out, ref)
-                key = f"st_attention {mode} {str(dtype)[6:]}"
-                worst[key] = max(worst.get(key, 0.0), err)
-                checked += 1
-                assert err < tolerance(dtype).kernel, f"{key} Dh{head_dim} T{t} N{n}: relative error {err:.2e}"
+                compare(out, q, k, v, t, mode, dtype, f"st_attention {mode} {str(dtype)[6:]} Dh{head_dim} T{t} N{n}")
     x, delta = (torch.randn(3, 21, 512, dtype=dtype, device=device) for _ in range(2))
     w, bias = (torch.randn(512, dtype=dtype, device=device) for _ in range(2))
     y, z = add_layer_norm(x, delta, w, bias, 1e-6, cls_period=21)
@@ -110,7 +124,18 @@ for dtype in (torch.float16, torch.bfloat16, torch.float32):
     err = max(relative_error(y, y_ref), relative_error(z, z_ref))
     worst[f"add_layer_norm {str(dtype)[6:]}"] = err
     assert err < tolerance(dtype).kernel, f"add_layer_norm {dtype}: relative error {err:.2e}"
-print(json.dumps({"checked": checked, "worst_relative_error": worst}))
+candidates = 0
+if full:  # every candidate of the launch tables, forced, at the paper's shape (batch 2, 8 heads)
+    for dtype, name in ((torch.float16, "fp16"), (torch.float32, "fp32")):
+        q, k, v = torch.randn(2, 785, 3, 8, 64, dtype=dtype, device=device).unbind(2)
+        for mode, table in candidate_table(name).items():
+            for config in fitting(mode, 785, 16, 49, name):
+                out = torch.full(q.shape, float("nan"), dtype=dtype, device=device)
+                shape = impl.check_kernel_inputs(q, k, v, num_frames=16, mode=mode)
+                impl._launch(q, k, v, out, shape, mode, 64**-0.5, config=config)
+                compare(out, q, k, v, 16, mode, dtype, f"candidate {mode} {name} {tuple(config)}")
+                candidates += 1
+print(json.dumps({"checked": checked, "candidates": candidates, "worst_relative_error": worst}))
 """
 
 
@@ -129,8 +154,10 @@ def item_kernels(device: torch.device, out: Path, config: STTConfig, quick: bool
     write_text_atomic(out / "kernels.json", json.dumps(report, indent=1))
     where = "on the GPU" if device.type == "cuda" else "through Triton's interpreter (CPU)"
     worst = max(report["worst_relative_error"].items(), key=lambda kv: kv[1])
-    return (f"{report['checked']} st_attention checks (3 modes x fp16/bf16/fp32 x head dims 16-128) and "
-            f"add_layer_norm {where}; largest relative error {worst[1]:.1e} ({worst[0]})")
+    forced = f", every launch-table candidate forced once ({report['candidates']})" if report["candidates"] else ""
+    return (f"{report['checked']} st_attention checks (3 modes x fp16/bf16/fp32 x head dims 16-128; whole output, "
+            f"worst row and cls rows) and add_layer_norm {where}{forced}; largest relative error {worst[1]:.1e} "
+            f"({worst[0]})")
 
 
 def item_cuda_graphs(device: torch.device, out: Path, config: STTConfig, quick: bool) -> str:
@@ -151,9 +178,11 @@ def item_cuda_graphs(device: torch.device, out: Path, config: STTConfig, quick: 
     if max(errors) > tolerance(compiled.dtype).model:
         raise AssertionError(f"logits through CUDA graphs differ from the reference: {max(errors):.2e}")
     shapes = [key[0][0] for key in compiled.graphs.cached()]
-    if shapes != [3, 1]:
-        raise AssertionError(f"graph cache holds batches {shapes}, expected [3, 1] (least recently used evicted)")
-    return f"batches 1, 2, 3, 1 through {compiled.backend} with CUDA graphs: largest error {max(errors):.1e}"
+    if shapes != [4, 1]:
+        raise AssertionError(f"graph cache holds batches {shapes}, expected [4, 1] (batch 3 runs in the graph of "
+                             "4; least recently used evicted)")
+    return (f"batches 1, 2, 3, 1 through {compiled.backend} with CUDA graphs (buckets 1, 2, 4): largest error "
+            f"{max(errors):.1e}")
 
 
 def item_backends(device: torch.device, out: Path, config: STTConfig, quick: bool) -> str:
@@ -232,6 +261,28 @@ def item_no_host_sync(device: torch.device, out: Path, config: STTConfig, quick:
             "branch; on a GPU this item checks steady-state calls with set_sync_debug_mode('error')")
 
 
+def item_devices(device: torch.device, out: Path, config: STTConfig, quick: bool) -> str:
+    """The Triton backend and a TensorRT engine on the last CUDA device, not the current one: launches and
+    TensorRT must follow the module's device (a backend that ran on cuda:0 would fail validation)."""
+    if device.type != "cuda" or torch.cuda.device_count() < 2:
+        raise Skip("needs two CUDA GPUs or more (the module's device must differ from the current one)")
+    import stt_fast
+
+    other = torch.device("cuda", torch.cuda.device_count() - 1)
+    model = _model(get_config("tiny"))
+    lines = []
+    for backend in ("triton", "tensorrt"):
+        try:
+            with tempfile.TemporaryDirectory(prefix="stt_fast-selftest-") as cache:
+                options = {"cache_dir": cache} if backend == "tensorrt" else {}
+                compiled = stt_fast.compile(model.to(other), device=other, backend=backend, **options)
+        except ImportError as e:
+            lines.append(f"{backend}: skipped ({e})")
+            continue
+        lines.append(f"{backend} on {other}: {compiled.validation}")
+    return "; ".join(lines)
+
+
 def item_kernel_bench(device: torch.device, out: Path, config: STTConfig, quick: bool) -> str:
     if device.type != "cuda":
         raise Skip("the Triton kernels are timed on a CUDA GPU only (the interpreter is a correctness tool)")
@@ -256,7 +307,7 @@ def item_bench(device: torch.device, out: Path, config_name: str, quick: bool, p
     else:  # the paper model on a CPU is `make bench`'s job
         name, batches, seconds = "tiny", ([1] if quick else [1, 8]), (0.05 if quick else 0.2)
     result, path = run_suite(name, batch_sizes=batches, device=str(device), output_dir=out, min_seconds=seconds,
-                             progress=progress)
+                             progress=progress, purpose="selftest")
     write_text_atomic(out / "bench.md", markdown([result]))
     problems = failures(result)
     if problems:
@@ -337,6 +388,7 @@ def run_selftest(output: str | os.PathLike = "results/selftest", *, device: str 
         ("cuda-graphs", lambda: item_cuda_graphs(device, folder, config, quick)),
         ("backends", lambda: item_backends(device, folder, config, quick)),
         ("no-host-sync", lambda: item_no_host_sync(device, folder, config, quick)),
+        ("devices", lambda: item_devices(device, folder, config, quick)),
         ("kernel-bench", lambda: item_kernel_bench(device, folder, config, quick)),
         ("bench", lambda: item_bench(device, folder, config_name, quick, progress)),
         ("tensorrt", lambda: item_tensorrt(device, folder, config, quick)),

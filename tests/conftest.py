@@ -1,7 +1,9 @@
 """Test set-up. Kernels run on the GPU where there is one, else through Triton's interpreter; the
 variable must be set before triton is first imported, hence here, before any test module loads."""
 
+import atexit
 import os
+import shutil
 import tempfile
 
 import torch
@@ -14,6 +16,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
+
+atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], ignore_errors=True)  # nothing left behind in /tmp
 
 # Under pytest-xdist (make test: one worker per core) each worker computes on one thread; alone, on two.
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min(2, os.cpu_count() or 1)))

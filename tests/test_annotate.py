@@ -72,8 +72,9 @@ def test_in_process_equals_predict_and_a_bad_file_carries_its_error(collection, 
     rows = read_rows(tmp_path / "out")
     _assert_same_as_predict(rows, list_sources(collection), checkpoint)
     assert {r["backend"] for r in rows} == {"reference"} and len({r["model_sha256"] for r in rows}) == 1
-    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
-    assert manifest["clips"] == 15 and manifest["format"] == fmt
+    manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
+    assert manifest["clips"] == 15 and manifest["format"] == fmt and manifest["failed_clips"] == 1
+    assert result.failed == [str(collection / "Clip" / "original" / "broken.mp4")]
     again = annotate(collection, tmp_path / "out", checkpoint=checkpoint, device="cpu", batch_size=4, fmt=fmt)
     assert again.skipped_done == 15 and again.written == 0, "a second run skips what is written"
     other = save_checkpoint(STT(get_config("tiny")).eval(), tmp_path / "other.safetensors")
@@ -124,3 +125,61 @@ def test_on_a_local_ray_cluster_same_numerics_and_resume(collection, checkpoint,
     result = annotate(listing, out, checkpoint=checkpoint, device="cpu", batch_size=3, ray_address="local", workers=2)
     assert result.skipped_done == len(paths) // 2 and result.written == len(paths) - len(paths) // 2
     _assert_same_as_predict(read_rows(out), paths, checkpoint)
+    import ray
+
+    try:  # the docs' Ray Data reading of the output (docs/scale.md)
+        assert ray.data.read_parquet(str(out)).count() == len(paths)
+    finally:
+        ray.shutdown()
+
+
+def _entry():
+    return os.path.join(os.path.dirname(sys.executable), "stt-fast")
+
+
+def test_every_way_the_docs_read_the_output_works(collection, checkpoint, tmp_path):
+    """pandas, pyarrow.dataset and a glob of part files, as docs/scale.md shows them (Ray Data: in the Ray
+    test). (Mutation: the manifest as OUT/manifest.json makes pandas fail: "Could not read schema".)"""
+    import glob
+
+    import pandas as pd
+    import pyarrow.dataset as ds
+
+    out = tmp_path / "annotations"
+    annotate(collection, out, checkpoint=checkpoint, device="cpu", batch_size=4, fmt="parquet")
+    frame = pd.read_parquet(out)
+    assert len(frame) == 15 and {"path", "label", "p_Happy", "error"} <= set(frame.columns)
+    assert ds.dataset(out, format="parquet").count_rows() == 15
+    assert len(pd.concat(pd.read_parquet(p) for p in glob.glob(f"{out}/*.parquet"))) == 15
+    assert int(frame["error"].notna().sum()) == 1
+
+
+def test_failed_clips_make_the_command_fail_and_retry_failed_tries_them_again(collection, checkpoint, tmp_path):
+    out = tmp_path / "out"
+    command = [_entry(), "annotate", str(collection), "--checkpoint", str(checkpoint), "-o", str(out), "--device",
+               "cpu", "--format", "jsonl", "--quiet"]
+    first = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 2 and "1 of 15 clips could not be read" in first.stderr
+    assert "--retry-failed" in first.stderr
+    assert len(first.stderr.strip().splitlines()) == 1, first.stderr
+    broken = collection / "Clip" / "original" / "broken.mp4"
+    rows = _by_path(read_rows(out))
+    assert rows[str(broken)]["error"]
+    again = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 2 and "15 already in" in again.stdout, "without --retry-failed nothing is retried"
+    fixed = tmp_path / "fixed"
+    import shutil
+
+    shutil.copytree(collection, fixed)
+    good = next(p for p in (fixed / "Clip" / "original").iterdir() if p.suffix == ".mp4" and p.name != "broken.mp4")
+    shutil.copyfile(good, fixed / "Clip" / "original" / "broken.mp4")  # the broken file repaired
+    out2 = tmp_path / "out2"
+    shutil.copytree(out, out2)
+    for part in out2.glob("part-*.jsonl"):  # the same rows, pointing at the repaired copy
+        part.write_text(part.read_text().replace(str(collection), str(fixed)))
+    retry = subprocess.run([*command[:2], str(fixed), *command[3:6], str(out2), *command[7:], "--retry-failed"],
+                           capture_output=True, text=True, timeout=600)
+    assert retry.returncode == 0, retry.stderr
+    rows = _by_path(read_rows(out2))
+    assert len(rows) == 15 and all(r["error"] is None for r in rows.values())
+    assert "14 already in" in retry.stdout and "1 annotated now" in retry.stdout

@@ -29,12 +29,15 @@ PYCUDA = "2026.1"
 # (file, scope: a class or function name, or "*" for the whole file) -> receivers -> the API they belong to.
 RECEIVERS = {
     ("export/tensorrt.py", "*"): {"trt": "tensorrt", "builder": "tensorrt", "builder_config": "tensorrt",
-                                  "parser": "tensorrt", "profile": "tensorrt", "cache": "tensorrt"},
+                                  "parser": "tensorrt", "profile": "tensorrt", "cache": "tensorrt",
+                                  "runner.engine": "tensorrt", "inspector": "tensorrt"},
     ("export/tensorrt_backend.py", "*"): {"trt": "tensorrt"},
     ("export/engine_runtime.py", "EngineRunner"): {"trt": "tensorrt", "self._runtime": "tensorrt",
                                                    "self.engine": "tensorrt"},
-    ("export/engine_runtime.py", "_sidecar_for_existing_engine"): {"trt": "tensorrt"},
-    ("export/engine_runtime.py", "run"): {"context": "tensorrt"},  # every buffer back end's run(context, ...)
+    ("export/engine_runtime.py", "deserialize"): {"trt": "tensorrt", "runtime": "tensorrt"},
+    ("export/engine_runtime.py", "describe_engine"): {"engine": "tensorrt"},
+    ("export/engine_runtime.py", "_sidecar_for_existing_engine"): {"trt": "tensorrt", "plan": "tensorrt"},
+    ("export/engine_runtime.py", "_enqueue"): {"context": "tensorrt"},
     ("export/engine_runtime.py", "_PyCudaBuffers"): {"cuda": "pycuda", "self.cuda": "pycuda",
                                                      "self.context": "pycuda", "self.stream": "pycuda"},
     ("export/engine_runtime.py", "current_gpu"): {"cuda": "pycuda", "dev": "pycuda", "cudart": "cuda-python"},
@@ -130,7 +133,12 @@ def test_the_scan_finds_the_calls_it_is_meant_to_check():
         assert expected in names["tensorrt"], expected
     assert names["tensorrt"]["STRONGLY_TYPED"] and names["tensorrt"]["IProgressMonitor"], "version-gated names"
     assert {"mem_alloc", "memcpy_htod_async", "retain_primary_context", "push", "pop"} <= set(names["pycuda"])
-    assert {"cudaMalloc", "cudaMemcpyAsync", "cudaStreamSynchronize"} <= set(names["cuda-python"])
+    assert {"cudaMalloc", "cudaMemcpyAsync", "cudaStreamSynchronize", "cudaFree", "cudaMallocHost", "cudaFreeHost",
+            "cudaStreamDestroy"} <= set(names["cuda-python"])
+    for expected in ("get_tensor_profile_shape", "num_io_tensors", "clear_flag", "create_engine_inspector",
+                     "get_engine_information", "set_input_shape", "engine_host_code_allowed"):
+        assert expected in names["tensorrt"], expected
+    assert names["tensorrt"]["hardware_compatibility_level"] is not None
 
 
 @pytest.mark.parametrize("version", TENSORRT_VERSIONS)

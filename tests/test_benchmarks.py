@@ -127,6 +127,24 @@ def test_a_backend_that_fails_is_reported_and_the_command_exits_non_zero(monkeyp
     assert "stt_fast-torch-fp32: build failed: RuntimeError: injected build failure" in capsys.readouterr().err
 
 
+def test_selftest_runs_never_replace_a_full_run_in_the_report(suite, tmp_path):
+    """A newer batch-1 selftest result of the same machine and config is left out of a folder's report (and
+    taken when asked for, or named as a file). (Mutation: without the purpose check, the report's newest
+    tiny run is the selftest's, and the other batch rows vanish.)"""
+    result, path = suite
+    full = tmp_path / "machine" / "full.json"
+    full.parent.mkdir()
+    full.write_text(path.read_text())
+    quick = copy.deepcopy(result)
+    quick["purpose"], quick["created"] = "selftest", "2999-01-01T00:00:00+00:00"
+    quick["batch_sizes"] = [1]
+    (tmp_path / "machine" / "selftest.json").write_text(json.dumps(quick))
+    assert [r["_path"] for r in load_results(tmp_path)] == [str(full)]
+    assert len(load_results(tmp_path, include_selftest=True)) == 2
+    assert load_results(tmp_path / "machine" / "selftest.json")[0]["purpose"] == "selftest"
+    assert result["purpose"] == "bench"
+
+
 def test_report_renders_tables_and_plots(suite, tmp_path):
     result, path = suite
     other = copy.deepcopy(result)
@@ -209,6 +227,31 @@ def test_regression_gate_catches(suite, kind):
     change(changed)
     found = compare(changed, result, threshold=0.10)
     assert len(found) == 1 and found[0].startswith(expected), found
+
+
+def test_regression_gate_scales_latency_by_the_measured_peak(suite):
+    """A run 2.5x slower on a machine measured 2.5x slower is no regression; 2.5x slower at the same peak
+    is; peaks over 2x apart are refused with the reason. (Mutation: raw medians report +150% regressions
+    on a busy machine.)"""
+    from stt_fast.benchmarks.report import peak_ratio
+
+    result, _ = suite
+    slow = copy.deepcopy(result)
+    for record in slow["results"]:
+        for b in record.get("batches", []):
+            if "timing" in b:
+                b["timing"]["median_ms"] *= 1.8
+    assert len(compare(slow, result)) > 0, "1.8x slower at the same peak"
+    slow["ceilings"]["matmul_tflops"] = result["ceilings"]["matmul_tflops"] / 1.8
+    assert peak_ratio(slow, result) == pytest.approx(1 / 1.8)
+    assert compare(slow, result) == [], "as slow as its measured peak says"
+    slow["ceilings"]["matmul_tflops"] = result["ceilings"]["matmul_tflops"] / 3
+    with pytest.raises(ValueError, match="differ too much"):
+        compare(slow, result)
+    other = copy.deepcopy(result)
+    other["machine"]["device"] = "cuda:0"
+    with pytest.raises(ValueError, match="compare runs of one machine"):
+        compare(other, result)
 
 
 def test_regression_gate_passes_an_equal_run_and_exits_by_its_verdict(suite, tmp_path, capsys):

@@ -3,6 +3,7 @@ bad option (through the real entry point), resume with the run's own options, no
 file that does not stop the others, warnings for clips far below the model's input, results outside the
 source tree, every backend of predict and eval, and extras that cover each command's imports."""
 
+import argparse
 import json
 import os
 import re
@@ -43,6 +44,34 @@ def synth_root(tmp_path_factory):
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     return save_checkpoint(trained_looking(get_config("tiny")), tmp_path_factory.mktemp("ckpt") / "m.safetensors")
+
+
+def _all_parsers():
+    """(name, parser) of every command and subcommand."""
+    from stt_fast.cli import build_parser
+
+    found = []
+    for name, command in build_parser().commands.items():
+        found.append((name, command))
+        for action in command._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                found += [(f"{name} {sub}", parser) for sub, parser in action.choices.items()]
+    return found
+
+
+@pytest.mark.parametrize("name,parser", _all_parsers(), ids=[n for n, _ in _all_parsers()])
+def test_every_help_states_each_default_once_in_words(name, parser):
+    """(Mutation: argparse's ArgumentDefaultsHelpFormatter appends "(default: None)" to help that already
+    names its default, and prints lists and tuples as Python reprs.)"""
+    text = parser.format_help()
+    assert text.startswith(f"usage: stt-fast {name}") and "[options] report" not in text, text.splitlines()[0]
+    for bad in ("(default: None)", "(default: False)", "default: [", "default: (", "default: {"):
+        assert bad not in text, bad
+    formatter = parser._get_formatter()
+    for action in parser._actions:
+        if action.help and action.help is not argparse.SUPPRESS:
+            rendered = formatter._get_help_string(action)
+            assert rendered.count("default") <= 1, rendered
 
 
 def test_info_json(capsys):
@@ -275,6 +304,26 @@ def test_bench_report_does_what_the_readme_says(tmp_path):
                                                                "speedup.png"}
 
 
+def test_report_and_confusion_png_never_replace_files_without_force(synth_root, checkpoint, tmp_path):
+    """(Mutation: `bench report --markdown F --plots DIR` and `eval --confusion-png F` replaced them.)"""
+    shutil.copytree(ROOT / "benchmarks" / "results", tmp_path / "results")
+    markdown, plots = tmp_path / "mine.md", tmp_path / "plots"
+    markdown.write_text("my notes")
+    result = stt_fast("bench", "report", str(tmp_path / "results"), "--markdown", str(markdown), "--plots", str(plots))
+    assert result.returncode == 2 and "exists; pass --force" in result.stderr and markdown.read_text() == "my notes"
+    assert not plots.exists(), "nothing written when the command is refused"
+    forced = stt_fast("bench", "report", str(tmp_path / "results"), "--markdown", str(markdown), "--plots", str(plots),
+                      "--force")
+    assert forced.returncode == 0 and markdown.read_text().startswith("### ")
+    again = stt_fast("bench", "report", str(tmp_path / "results"), "--plots", str(plots))
+    assert again.returncode == 2 and "latency_vs_batch.png exists" in again.stderr
+    png = tmp_path / "cm.png"
+    png.write_bytes(b"my picture")
+    result = stt_fast("eval", str(synth_root), "--checkpoint", str(checkpoint), "--device", "cpu",
+                      "--confusion-png", str(png), "--quiet")
+    assert result.returncode == 2 and "cm.png exists" in result.stderr and png.read_bytes() == b"my picture"
+
+
 # --- extras: every command's imports are covered by the extras README names for it ----------------------
 
 def _readme_extras() -> dict[str, set[str]]:
@@ -353,6 +402,7 @@ def _command_runs(tmp: Path, synth_root: Path, checkpoint: Path) -> dict[str, li
         "selftest": ["selftest", "--config", "tiny", "--quick", "--output", str(tmp / "selftest"), "--quiet"],
         "annotate": ["annotate", str(synth_root), "--checkpoint", str(checkpoint), "-o", str(tmp / "annotated"),
                      "--device", "cpu", "--quiet"],
+        "cache": ["cache", "list"],
     }
 
 
@@ -439,3 +489,28 @@ def test_the_project_stands_alone():
         path = ROOT / name
         if path.suffix in (".py", ".md", ".toml", ".sh", ".cfg", ".txt") or path.name in ("Makefile", "run"):
             assert workshop not in path.read_text(errors="replace"), f"{name} points at {workshop}"
+
+
+def test_eval_skips_and_reports_unreadable_clips(synth_root, checkpoint, tmp_path):
+    """One truncated mp4 and one empty frame folder in the test split: eval goes on without them, names
+    them on stderr (one line each, no traceback) and in the JSON, exit 0. (Mutation: the evaluation set
+    without skip_bad stops with a DataLoader worker's traceback.)"""
+    from stt_fast.data.datasets import dfew_items
+
+    data = tmp_path / "data"
+    shutil.copytree(synth_root, data)
+    items = dfew_items(data, 1, "test")
+    video = next(i.path for i in items if Path(i.path).suffix == ".mp4")
+    folder = next(i.path for i in items if Path(i.path).is_dir())
+    Path(video).write_bytes(Path(video).read_bytes()[:200])  # truncated
+    for frame in Path(folder).iterdir():
+        frame.unlink()
+    result = stt_fast("eval", str(data), "--checkpoint", str(checkpoint), "--device", "cpu", "--workers", "1",
+                      "--json", "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    skipped = [line for line in result.stderr.splitlines() if "skipped" in line]
+    assert len(skipped) == 2 and any(str(video) in line for line in skipped)
+    report = json.loads(result.stdout)
+    assert {item["path"] for item in report["bad_clips"]} == {str(video), str(folder)}
+    assert report["samples"] == len(items) - 2

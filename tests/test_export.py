@@ -21,7 +21,13 @@ from stt_fast.export import (
     simplify_onnx,
     write_triton_repository,
 )
-from stt_fast.export.engine_runtime import SIDECAR_FORMAT, check_engine_bytes, sha256_bytes, sidecar_path
+from stt_fast.export.engine_runtime import (
+    SIDECAR_FORMAT,
+    check_engine_bytes,
+    current_platform,
+    sha256_bytes,
+    sidecar_path,
+)
 from stt_fast.export.parity import ort_session, run_session
 from stt_fast.export.triton_server import triton_config
 
@@ -103,6 +109,50 @@ def test_fp16_graph_keeps_layernorm_softmax_and_logits_in_float32(exported):
             assert types[node.input[1]] == half, f"{node.op_type} {node.name} weights are not FP16"
     assert types["clips"] == float_ and types["logits"] == float_
     assert read_metadata(path)["stt_fast.precision"] == "fp16"
+
+
+# Nodes that move or retype values without computing on them, walked through when tracing the graph.
+_PLUMBING = {"Cast", "Transpose", "Reshape", "Concat", "Split", "Slice", "Expand", "Unsqueeze", "Squeeze", "Gather",
+             "Identity", "Flatten"}
+
+
+def _producers(graph):
+    return {out: node for node in graph.node for out in node.output}
+
+
+def _reaches(name, producers, constants, wanted, seen=None):
+    """The nodes of the op types in `wanted` reached from value `name`, walking back through plumbing."""
+    seen = set() if seen is None else seen
+    node = producers.get(name)
+    if node is None or node.name in seen:
+        return []
+    seen.add(node.name)
+    if node.op_type in wanted:
+        return [node]
+    if node.op_type not in _PLUMBING:
+        return []
+    return [n for i in node.input for n in _reaches(i, producers, constants, wanted, seen)]
+
+
+@pytest.mark.parametrize("name", ["divided-fp32", "joint-fp32", "divided-fp16"])
+def test_attention_scale_multiplies_q_before_the_first_product(exported, name):
+    """TensorRT fuses MatMul-Softmax-MatMul attention only with the scale applied to Q (or K) before the
+    first product (its developer guide, "Fused Attention"): every Softmax must be fed by a MatMul (no Mul
+    or Div between them), one of whose operands comes from a Mul by a constant. (Mutation: scale the
+    scores after the product, as the reference did, and the Softmax is fed by a Mul.)"""
+    graph = load_onnx(exported[name][1]).graph
+    producers = _producers(graph)
+    constants = {i.name for i in graph.initializer} | {o for n in graph.node if n.op_type == "Constant"
+                                                       for o in n.output}
+    softmaxes = [n for n in graph.node if n.op_type == "Softmax"]
+    assert softmaxes
+    for softmax in softmaxes:
+        feeding = _reaches(softmax.input[0], producers, constants, {"MatMul", "Mul", "Div", "Add"})
+        assert feeding and {n.op_type for n in feeding} == {"MatMul"}, \
+            f"{softmax.name} is fed by {[n.op_type for n in feeding]}, not by the product alone"
+        for matmul in feeding:
+            scaled = [m for i in matmul.input for m in _reaches(i, producers, constants, {"Mul", "Div"})]
+            assert any(set(m.input) & constants for m in scaled), f"{matmul.name}: no operand scaled by a constant"
 
 
 def test_simplify_keeps_the_function_and_the_metadata(exported, tmp_path):
@@ -187,38 +237,18 @@ def test_bad_export_options():
 # --- sidecar and compatibility (pure logic; no TensorRT needed) -------------------------------------
 
 def sidecar(**over):
-    base = {"format": SIDECAR_FORMAT, "tensorrt_version": "10.3.0", "version_compatible": False,
+    base = {"format": SIDECAR_FORMAT, "tensorrt_version": "10.3.0.30", "version_compatible": False,
             "hardware_compatibility": "none", "gpu": {"name": "Orin", "compute_capability": "8.7"}}
     base.update(over)
     return base
 
 
-@pytest.mark.parametrize("side,here,error", [
-    (sidecar(), dict(tensorrt_version="10.3.0.30", gpu_name="Orin", compute_capability="8.7"), None),
-    (sidecar(), dict(tensorrt_version="10.4.0", gpu_name="Orin", compute_capability="8.7"), "TensorRT 10.3.0"),
-    (sidecar(), dict(tensorrt_version="10.3.0", gpu_name="NVIDIA H100", compute_capability="9.0"), "rebuild it"),
-    (sidecar(version_compatible=True), dict(tensorrt_version="10.8.0", gpu_name="Orin", compute_capability="8.7"),
-     None),
-    (sidecar(version_compatible=True), dict(tensorrt_version="11.0.0", gpu_name="Orin", compute_capability="8.7"),
-     "version-compatible"),
-    (sidecar(version_compatible=True), dict(tensorrt_version="10.2.0", gpu_name="Orin", compute_capability="8.7"),
-     "or newer"),
-    (sidecar(hardware_compatibility="ampere_plus"),
-     dict(tensorrt_version="10.3.0", gpu_name="NVIDIA H200", compute_capability="9.0"), None),
-    (sidecar(hardware_compatibility="ampere_plus"),
-     dict(tensorrt_version="10.3.0", gpu_name="Tesla T4", compute_capability="7.5"), "Ampere"),
-], ids=["same", "other-trt", "other-gpu", "vc-newer", "vc-other-major", "vc-older", "hw-newer-gpu", "hw-old-gpu"])
-def test_engine_compatibility(side, here, error):
-    if error is None:
-        check_compatible(side, **here)
-    else:
-        with pytest.raises(EngineCompatibilityError, match=error):
-            check_compatible(side, **here)
+# The version, platform and hardware rules themselves: tests/test_engine_logic.py.
 
 
 def test_same_compute_capability_other_gpu_name_is_a_warning():
     side = sidecar(gpu={"name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"})
-    warnings = check_compatible(side, tensorrt_version="10.3.0", gpu_name="NVIDIA H200", compute_capability="9.0")
+    warnings = check_compatible(side, tensorrt_version="10.3.0.30", gpu_name="NVIDIA H200", compute_capability="9.0")
     assert warnings and "H100" in warnings[0]
 
 
@@ -242,12 +272,13 @@ def test_sidecar_from_onnx_metadata_round_trips(exported, tmp_path):
     _, path = exported["divided-fp16"]
     payload = b"placeholder bytes: only the sidecar logic is under test here, no engine is built"
     side = make_sidecar(engine_bytes=payload, onnx_meta=read_metadata(path), onnx_file=path.name,
-                        onnx_sha256="0" * 64, tensorrt_version="10.3.0",
+                        onnx_sha256="0" * 64, tensorrt_version="10.3.0.30",
                         gpu={"name": "Orin", "compute_capability": "8.7"}, batch=(1, 4, 16))
     assert side["input"] == {"name": "clips", "dtype": "float32", "shape": [-1, 4, 3, 64, 64]}
     assert side["output"]["shape"] == [-1, 7] and side["labels"][0] == "Happy" and side["precision"] == "fp16"
     assert side["profile"] == {"min": 1, "opt": 4, "max": 16} and side["engine_sha256"] == sha256_bytes(payload)
-    check_compatible(side, tensorrt_version="10.3.0", gpu_name="Orin", compute_capability="8.7")
+    check_compatible(side, tensorrt_version="10.3.0.30", gpu_name="Orin", compute_capability="8.7")
+    assert side["platform"] == current_platform(), "engines are tied to the platform that built them"
     engine = tmp_path / "model.engine"
     write_sidecar(engine, side)
     assert read_sidecar(engine) == side and [p.name for p in tmp_path.iterdir()] == ["model.engine.json"]
@@ -263,28 +294,75 @@ def test_runner_refuses_a_truncated_engine_before_loading_it(tmp_path):
 
 # --- Triton Inference Server repository ------------------------------------------------------------
 
+def _parsed_config(path):
+    """config.pbtxt parsed by Triton's own ModelConfig protobuf (tritonclient): what the server reads."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+
+
 def test_triton_repository_from_onnx(exported, tmp_path):
+    from tritonclient.grpc import model_config_pb2 as pb
+
     _, path = exported["joint-uint8-attention-op"]
-    repo = write_triton_repository(path, tmp_path / "repo", name="stt", max_batch_size=32)
+    version = write_triton_repository(path, tmp_path / "repo", name="stt", max_batch_size=32, instance_kind="cpu")
+    repo = version.parent
+    assert version.name == "1"
     assert sorted(str(p.relative_to(repo)) for p in repo.rglob("*")) == ["1", "1/model.onnx", "config.pbtxt",
                                                                          "labels.txt"]
-    text = (repo / "config.pbtxt").read_text()
-    assert 'platform: "onnxruntime_onnx"' in text and "max_batch_size: 32" in text
-    assert "data_type: TYPE_UINT8" in text and "dims: [ 4, 3, 64, 64 ]" in text and "dims: [ 7 ]" in text
-    assert "preferred_batch_size: [ 4, 8, 16, 32 ]" in text and "dynamic_batching" in text
+    config = _parsed_config(repo / "config.pbtxt")
+    assert config.name == "stt" and config.platform == "onnxruntime_onnx" and config.max_batch_size == 32
+    assert config.input[0].name == "clips" and config.input[0].data_type == pb.TYPE_UINT8
+    assert list(config.input[0].dims) == [4, 3, 64, 64] and list(config.output[0].dims) == [7]
+    assert config.output[0].label_filename == "labels.txt" and config.output[0].data_type == pb.TYPE_FP32
+    assert list(config.dynamic_batching.preferred_batch_size) == [4, 8, 16, 32]
+    assert config.instance_group[0].kind == pb.ModelInstanceGroup.KIND_CPU
     assert (repo / "labels.txt").read_text().split() == ["Happy", "Sad", "Neutral", "Angry", "Surprise",
                                                          "Disgust", "Fear"]
-    with pytest.raises(FileExistsError):
+    with pytest.raises(FileExistsError, match="version 2"):
         write_triton_repository(path, tmp_path / "repo", name="stt")
     assert [p.name for p in (tmp_path / "repo").iterdir()] == ["stt"], "no staging folder left behind"
 
 
-def test_triton_config_for_an_engine():
+def test_triton_repository_force_adds_a_version_and_keeps_the_first(exported, tmp_path):
+    """(Mutation: --force used to delete version 1.)"""
+    _, path = exported["joint-uint8-attention-op"]
+    first = write_triton_repository(path, tmp_path / "repo", name="stt", max_batch_size=32)
+    second = write_triton_repository(path, tmp_path / "repo", name="stt", max_batch_size=16, overwrite=True)
+    assert (first.name, second.name) == ("1", "2")
+    assert (first / "model.onnx").is_file() and (second / "model.onnx").is_file()
+    assert _parsed_config(first.parent / "config.pbtxt").max_batch_size == 16, "the config follows the new version"
+    assert sorted(p.name for p in first.parent.iterdir()) == ["1", "2", "config.pbtxt", "labels.txt"]
+    _, other = exported["divided-fp32"]
+    (first.parent / "config.pbtxt").write_text((first.parent / "config.pbtxt").read_text().replace(
+        "onnxruntime_onnx", "tensorrt_plan"))
+    with pytest.raises(ValueError, match="cannot be a new version"):
+        write_triton_repository(other, tmp_path / "repo", name="stt", overwrite=True)
+
+
+@pytest.mark.parametrize("kind,version_compatible", [("gpu", False), ("gpu", True)])
+def test_triton_config_for_an_engine(kind, version_compatible, tmp_path):
+    from tritonclient.grpc import model_config_pb2 as pb
+
     text = triton_config("stt", "tensorrt_plan", input_dtype="float32", frames=16, image_size=112, num_classes=7,
                          max_batch_size=64, preferred_batch_sizes=[8, 16, 128], max_queue_delay_us=500,
-                         instances=2, has_labels=True)
-    assert 'platform: "tensorrt_plan"' in text and "TYPE_FP32" in text and "dims: [ 16, 3, 112, 112 ]" in text
-    assert "preferred_batch_size: [ 8, 16 ]" in text and "count: 2" in text and "KIND_GPU" in text
+                         instances=2, has_labels=True, instance_kind=kind, version_compatible=version_compatible)
+    (tmp_path / "config.pbtxt").write_text(text)
+    config = _parsed_config(tmp_path / "config.pbtxt")
+    assert config.platform == "tensorrt_plan" and config.input[0].data_type == pb.TYPE_FP32
+    assert list(config.input[0].dims) == [16, 3, 112, 112]
+    assert list(config.dynamic_batching.preferred_batch_size) == [8, 16]
+    assert config.instance_group[0].count == 2 and config.instance_group[0].kind == pb.ModelInstanceGroup.KIND_GPU
+    assert config.dynamic_batching.max_queue_delay_microseconds == 500
+    assert ("version-compatible=true" in text) == version_compatible
+
+
+def test_a_tensorrt_plan_cannot_run_on_cpu_instances():
+    with pytest.raises(ValueError, match="GPU only"):
+        triton_config("stt", "tensorrt_plan", input_dtype="float32", frames=16, image_size=112, num_classes=7,
+                      max_batch_size=64, preferred_batch_sizes=[8], max_queue_delay_us=500, instances=1,
+                      has_labels=True, instance_kind="cpu")
 
 
 # --- TensorRT (needs TensorRT and a GPU) -------------------------------------------------------------
@@ -305,12 +383,18 @@ def test_tensorrt_build_run_and_check(exported, tmp_path):
 
     model, path = exported["divided-fp16"]
     engine = tmp_path / "model.engine"
-    side = build_engine(path, engine, batch=BatchRange(1, 2, 4), reference_model=model,
-                        timing_cache=tmp_path / "timing.cache")
-    assert side["accuracy"]["passed"] and (tmp_path / "timing.cache").is_file()
-    runner = EngineRunner(engine)
-    clips = torch.rand(6, 4, 3, 64, 64)  # above the profile maximum: runs in chunks
-    assert relative_error(runner(clips).cpu(), model(clips)) < tolerance(torch.float16).model
+    side = build_engine(path, engine, batch=BatchRange(2, 2, 4), reference_model=model, timing_cache=tmp_path)
+    assert side["accuracy"]["passed"] and len(list(tmp_path.glob("timing-*.cache"))) == 1
+    assert side["builder"]["profiling_verbosity"] == "DETAILED" and side["layers"]["layers"] > 0
+    assert json.loads((tmp_path / "model.engine.layers.json").read_text())
+    with EngineRunner(engine) as runner:
+        assert runner.io.min_batch == 2 and runner.io.max_batch == 4 and runner.input_dtype == "float32"
+        clips = torch.rand(7, 4, 3, 64, 64)  # above the profile maximum: chunks 4 + 3
+        assert relative_error(runner(clips).cpu(), model(clips)) < tolerance(torch.float16).model
+        one = clips[:1]  # below the profile minimum: padded to 2
+        assert relative_error(runner(one).cpu(), model(one)) < tolerance(torch.float16).model
+        as_bytes = (clips * 255).round().to(torch.uint8)  # uint8 clips to a float engine: rescaled
+        assert relative_error(runner(as_bytes).cpu(), model(as_bytes)) < tolerance(torch.float16).model
 
 
 @pytest.mark.tensorrt

@@ -138,3 +138,32 @@ def test_roofline_bounds():
     assert program_bound("NVIDIA GeForce RTX 4090", get_config("paper"), 1, "fp16") is None
     assert program_bound("Tesla T4", get_config("paper"), 1, "bf16") is None, "the T4 has no bfloat16 tensor cores"
 
+
+
+@pytest.mark.slow
+def test_batch_and_row_offsets_are_64_bit_in_the_compiled_kernels(tmp_path):
+    """b * stride_qb passes 2**31 from batch 1,782 with packed qkv at the paper's shape, row * stride_x of
+    add_layer_norm above 4.19 M rows: the TTIR of an sm_90 compile must form those products in i64.
+    (Mutation: drop the .to(tl.int64) in either kernel and the products are i32.)"""
+    script = """
+import re
+from stt_fast.config import get_config
+from stt_fast.kernels import aot
+
+config = get_config("paper")
+for case in (aot.Case("st_attention", "spatial", aot.LaunchConfig(64, 64, 4, 1), "fp16"),
+             aot.Case("st_attention", "temporal", aot.LaunchConfig(64, 64, 4, 1), "fp16"),
+             aot.layer_norm_cases(config, ["fp16"])[0]):
+    ttir = aot.compile_kernel(case, "sm_90", config).asm["ttir"]
+    index, names = ("b", ("q_base", "k_base", "v_base", "o_base")) if case.kernel == "st_attention" else ("row", ("y",))
+    pattern = r"%{}(?:_\\d+)? = arith\\.muli %{}(?:_\\d+)?, .* : (i\\d+)"
+    widths = [sorted(set(re.findall(pattern.format(name, index), ttir))) for name in names]
+    print(case.kernel, case.mode, widths)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            env=_without_interpreter(tmp_path), timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.strip().splitlines()
+    assert lines == ["st_attention spatial [['i64'], ['i64'], ['i64'], ['i64']]",
+                     "st_attention temporal [['i64'], ['i64'], ['i64'], ['i64']]",
+                     "add_layer_norm  [['i64']]"], result.stdout

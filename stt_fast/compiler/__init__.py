@@ -68,11 +68,10 @@ class CompiledSTT(nn.Module):
 
     def forward(self, clips: torch.Tensor) -> torch.Tensor:
         check_clips(clips, self.config, values_on_device=False)
-        clips = clips.to(self.device, non_blocking=True)
         with torch.no_grad():
-            if self.graphs is not None:
+            if self.graphs is not None:  # the graph's replay copies the clips to the device itself, once
                 return self.graphs(clips)
-            return self._infer(clips)
+            return self._infer(clips.to(self.device, non_blocking=True))
 
     def extra_repr(self) -> str:
         return (f"backend={self.backend}, device={self.device}, dtype={self.dtype}, "
@@ -191,8 +190,10 @@ def compile(model: STT, *, device: str | torch.device | None = None, dtype: str 
         its kernels, launch them or validate on this machine is replaced by the next one ("triton" ->
         "torch"; "openvino" -> "onnxruntime" -> "torch"): the reason is logged once and kept as
         ``.fallback_reason``. A backend named explicitly raises.
-    cuda_graphs: on CUDA, capture one graph per input shape (at most ``max_graphs``, least recently
-        used evicted) so that small batches are not launch-bound.
+    cuda_graphs: on CUDA, capture one graph per batch bucket (1, 2, 4, ..., 64, then multiples of 64:
+        a batch of 3 runs in the graph of 4) and clip shape, at most ``max_graphs`` kept (least recently
+        used evicted), so that small batches are not launch-bound. The module serves one stream: calls
+        from several threads are serialised.
     validate: run the reference and the compiled module side by side on probe clips and raise
         ValidationError, with the measured error, when the logits differ beyond the precision's
         tolerance (stt_fast.accuracy.TOLERANCES); the report is kept as ``.validation``. Without it,
