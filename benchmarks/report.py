@@ -172,10 +172,17 @@ def plots(results: list[dict], out_dir: str | os.PathLike) -> list[Path]:
     backends = sorted({rec["backend"] for r in runs.values() for rec in r["results"] if timed(rec)})
     written = []
 
+    from matplotlib.ticker import NullFormatter, NullLocator, ScalarFormatter
+
+    # every plot names the machines and dates its numbers come from
+    provenance = "; ".join(f"{slug} ({config_name}), {r['created'][:10]}" for (slug, config_name), r in
+                           sorted(runs.items()))
+
     def save(fig, name):
+        fig.text(0.995, 0.005, f"measured: {provenance}", ha="right", va="bottom", fontsize=6, color="0.35")
         path = out_dir / name
         with atomic_output(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=110)
+            fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight", pad_inches=0.15)
         plt.close(fig)
         written.append(path)
 
@@ -189,6 +196,12 @@ def plots(results: list[dict], out_dir: str | os.PathLike) -> list[Path]:
                 ax.plot([b["batch"] for b in timed(rec)], [b["timing"]["median_ms"] for b in timed(rec)],
                         marker="o", label=f"{slug} / {config_name}")
         ax.set(title=backend, xlabel="batch", ylabel="median latency (ms)", xscale="log", yscale="log")
+        batches = sorted({b["batch"] for r in runs.values() for x in r["results"] if x["backend"] == backend
+                          for b in timed(x)})
+        ax.set_xticks(batches)  # a tick at each measured batch size (8 included), plain numbers
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.yaxis.set_minor_formatter(NullFormatter())  # log minor labels ("3x10^0 4x10^0") overlapped
         ax.legend(fontsize=6)
     for ax in list(axes.flat)[len(backends):]:
         ax.axis("off")
@@ -205,8 +218,15 @@ def plots(results: list[dict], out_dir: str | os.PathLike) -> list[Path]:
                 rec = next((x for x in r["results"] if x["backend"] == backend and timed(x)), None)
                 b = timed(rec)[-1] if rec else None  # the largest batch
                 value = (b["accuracy"][key] if key == "relative_error" else b.get(key)) if b else None
-                values.append(float("nan") if value is None else max(value, 1e-12) if log else value)
-            ax.bar([j + i * width for j in range(len(backends))], values, width, label=f"{slug} / {config_name}")
+                values.append(value)
+            positions = [j + i * width for j in range(len(backends))]
+            # an exact 0 has no place on a log axis: no bar, a label saying so (not a bar at 1e-12)
+            drawn = [float("nan") if v is None or (log and v == 0) else v for v in values]
+            ax.bar(positions, drawn, width, label=f"{slug} / {config_name}")
+            for x, v in zip(positions, values):
+                if log and v == 0:
+                    ax.annotate("0 (exact)", (x, 0), xycoords=("data", "axes fraction"), ha="center", va="bottom",
+                                fontsize=6, rotation=90, xytext=(0, 3), textcoords="offset points")
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(backends))], backends, rotation=30, ha="right")
         ax.set(ylabel=f"{ylabel} (largest batch)", yscale="log" if log else "linear")
         ax.legend(fontsize=7)

@@ -97,6 +97,9 @@ def batch_range(text: str) -> str:
 
 # --- commands ------------------------------------------------------------------------------------------
 
+NOISY_LOGGERS = ("onnx_ir", "onnxscript", "torch.onnx", "onnxruntime", "openvino", "ray")
+
+
 def _setup_logging(quiet: bool) -> None:
     """stt_fast's stage messages (INFO) on stderr, unless --quiet."""
     handler = logging.StreamHandler(sys.stderr)
@@ -105,6 +108,9 @@ def _setup_logging(quiet: bool) -> None:
     logger.handlers[:] = [handler]
     logger.setLevel(logging.WARNING if quiet else logging.INFO)
     logger.propagate = False
+    # the exporter's libraries log hundreds of INFO lines per export around stt_fast's few
+    for noisy in NOISY_LOGGERS:
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -294,18 +300,23 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from stt_fast.predict import predict_paths
 
     predictor = _load_predictor(args)
-    results = predict_paths(args.paths, predictor, detect_face=args.detect_face, batch_size=args.batch_size)
+    results = predict_paths(args.paths, predictor, detect_face=args.detect_face, batch_size=args.batch_size,
+                            no_face=args.no_face)
     for r in results:
         for warning in r.get("warnings", []):
             print(f"stt-fast predict: warning: {r['path']}: {warning}", file=sys.stderr)
         if "error" in r:
             print(f"stt-fast predict: error: {r['error']}", file=sys.stderr)
+        if "skipped" in r:
+            print(f"stt-fast predict: skipped: {r['skipped']}", file=sys.stderr)
         if args.json:
             entry = {"path": r["path"]}
-            entry |= {"error": r["error"]} if "error" in r else {
-                "label": r["label"], "probabilities": r["probabilities"], "warnings": r["warnings"]}
+            if "error" in r or "skipped" in r:
+                entry |= {k: r[k] for k in ("error", "skipped") if k in r}
+            else:
+                entry |= {"label": r["label"], "probabilities": r["probabilities"], "warnings": r["warnings"]}
             print(json.dumps(entry), flush=True)
-        elif "error" not in r:
+        elif "error" not in r and "skipped" not in r:
             top = sorted(r["probabilities"].items(), key=lambda kv: -kv[1])
             print(f"{r['path']}: {r['label']} ({', '.join(f'{k} {v:.3f}' for k, v in top)})", flush=True)
     failed = sum("error" in r for r in results)
@@ -502,8 +513,8 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         default = action.default
-        if ("default" in text or default in (None, False, argparse.SUPPRESS) or not action.option_strings
-                and action.nargs not in ("?", "*")):
+        if ("default" in text or default in (None, False, argparse.SUPPRESS) or (not action.option_strings
+                and action.nargs not in ("?", "*"))):
             return text
         if isinstance(default, (list, tuple)):
             shown = (":" if isinstance(default, tuple) else ",").join(str(v) for v in default)
@@ -735,8 +746,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+", help="video files or folders of frames")
     _add_backend_args(p)
     p.add_argument("--detect-face", action="store_true", help="detect and crop the face (OpenCV)")
+    p.add_argument("--no-face", default="full", choices=("full", "skip", "error"),
+                   help="with --detect-face, a clip without a face: predicted on its full frames with a warning, "
+                        "skipped, or an error")
     p.add_argument("--json", action="store_true",
-                   help='one JSON line per path: {"path", "label", "probabilities", "warnings"} or {"path", "error"}')
+                   help='one JSON line per path: {"path", "label", "probabilities", "warnings"}, {"path", "error"} '
+                        'or {"path", "skipped"}')
     p.add_argument("--batch-size", type=positive_int, default=16, help="clips per batch")
     p.add_argument("--device", default=None, type=device_name,
                    help="cpu, cuda or cuda:N (default: cuda when available)")

@@ -75,3 +75,32 @@ def plot_confusion_matrix(cm, path: str | os.PathLike, labels: Sequence[str] = E
     with atomic_output(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
+
+
+def plot_training_curves(history: Sequence[dict], path: str | os.PathLike, title: str = "") -> None:
+    """training.png: the training loss and the evaluation WAR / UAR per epoch (history: log.jsonl records)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    from .files import atomic_output
+
+    epochs = [r["epoch"] for r in history]
+    fig, (loss_ax, metric_ax) = plt.subplots(1, 2, figsize=(9, 3.6))
+    loss_ax.plot(epochs, [r["train_loss"] for r in history], marker="o", markersize=3)
+    loss_ax.set(xlabel="epoch", ylabel="training loss", title="loss")
+    for key, name in (("war", "WAR"), ("uar", "UAR")):
+        metric_ax.plot(epochs, [r[key] for r in history], marker="o", markersize=3, label=name)
+    metric_ax.set(xlabel="epoch", ylabel="on the evaluation split", title="WAR / UAR", ylim=(0, 1))
+    metric_ax.legend(fontsize=8)
+    for ax in (loss_ax, metric_ax):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)

@@ -17,6 +17,7 @@ Files in the run folder:
     last_state.pt       optimizer, scheduler, scaler, epoch, best metric (for --resume)
     log.jsonl           one JSON line per epoch
     confusion_best.png  the best epoch's confusion matrix
+    training.png        training loss and evaluation WAR / UAR per epoch, redrawn after each epoch
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from .checkpoint import load_state_strict, read_checkpoint, save_checkpoint
 from .data.datasets import ClipDataset, make_loader
 from .files import atomic_output, write_text_atomic
 from .loss import CompactSoftmaxCrossEntropy
-from .metrics import plot_confusion_matrix, summarize
+from .metrics import plot_confusion_matrix, plot_training_curves, summarize
 from .model import STT
 from .progress import progress_bar
 
@@ -221,6 +222,7 @@ def train(model: STT, train_set: ClipDataset, eval_set: ClipDataset, options: Tr
         _save_last(model, optimizer, scheduler, scaler, epoch, best, out)
         with open(out / "log.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
+        plot_training_curves(history, out / "training.png", title=f"{out.name}: epoch {epoch}")
         skipped = f", {len(record['bad_clips'])} bad clips skipped" if record["bad_clips"] else ""
         echo(f"[train] epoch {epoch}: loss {record['train_loss']:.4f}, train acc {record['train_acc']:.3f}, "
              f"WAR {metrics['war']:.4f}, UAR {metrics['uar']:.4f}{' (best)' if improved else ''}, "

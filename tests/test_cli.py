@@ -236,10 +236,20 @@ def test_predict_with_face_detection_goes_on_past_a_clip_without_a_face(synth_ro
 
     monkeypatch.setattr(face, "haar_detector", detector_factory)
     assert first_frames
-    code = main(["predict", str(clips[0]), str(clips[1]), "--checkpoint", str(checkpoint), "--detect-face",
-                 "--json", "--device", "cpu", "--quiet"])
-    out = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert code == 2 and "label" in out[0] and "no face found" in out[1]["error"]
+    outcomes = {}
+    for choice in ("full", "skip", "error"):
+        seen.clear()
+        code = main(["predict", str(clips[0]), str(clips[1]), "--checkpoint", str(checkpoint), "--detect-face",
+                     "--no-face", choice, "--json", "--device", "cpu", "--quiet"])
+        out = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        assert "label" in out[0] and out[0]["warnings"] == []
+        outcomes[choice] = (code, out[1])
+    code, second = outcomes["full"]  # the default: the full frames, with a warning
+    assert code == 0 and second["label"] and "no face found: the full frames were used" in second["warnings"]
+    code, second = outcomes["skip"]
+    assert code == 0 and "no face found" in second["skipped"] and "label" not in second
+    code, second = outcomes["error"]
+    assert code == 2 and "no face found" in second["error"]
 
 
 @pytest.mark.parametrize("backend", ["reference", "compiled", "onnx"])
@@ -514,3 +524,34 @@ def test_eval_skips_and_reports_unreadable_clips(synth_root, checkpoint, tmp_pat
     report = json.loads(result.stdout)
     assert {item["path"] for item in report["bad_clips"]} == {str(video), str(folder)}
     assert report["samples"] == len(items) - 2
+
+
+def test_run_files_and_checkpoints_share_the_usual_permissions(tmp_path):
+    """(Mutation: checkpoints came out 0600, as mkstemp makes them, beside 0644 run files.)"""
+    from stt_fast.files import current_umask, write_text_atomic
+
+    expected = 0o666 & ~current_umask()
+    checkpoint = save_checkpoint(trained_looking(get_config("tiny")), tmp_path / "m.safetensors")
+    text = write_text_atomic(tmp_path / "run.json", "{}")
+    assert (checkpoint.stat().st_mode & 0o777) == expected == (text.stat().st_mode & 0o777)
+
+
+def test_predict_on_a_folder_of_videos_points_at_annotate(synth_root, checkpoint, tmp_path):
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    video = next(p for p in (synth_root / "Clip" / "original").iterdir() if p.suffix == ".mp4")
+    shutil.copyfile(video, folder / "a.mp4")
+    result = stt_fast("predict", str(folder), "--checkpoint", str(checkpoint), "--device", "cpu", "--quiet")
+    assert result.returncode == 2 and "stt-fast annotate" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_third_party_loggers_stay_quiet_at_info(caplog):
+    """stt_fast's own stage messages at INFO, without the exporter libraries' hundreds of lines."""
+    import logging
+
+    from stt_fast.cli import NOISY_LOGGERS, _setup_logging
+
+    _setup_logging(quiet=False)
+    assert logging.getLogger("stt_fast").level == logging.INFO
+    for name in NOISY_LOGGERS:
+        assert not logging.getLogger(name).isEnabledFor(logging.INFO), name

@@ -43,6 +43,10 @@ def test_short_training_run_beats_chance_by_a_wide_margin(synth_root, tmp_path):
     result = evaluate(model, test_set, progress=False, workers=0)
     assert result["war"] == pytest.approx(best)
     assert (tmp_path / "run" / "confusion_best.png").is_file()
+    from PIL import Image
+
+    with Image.open(tmp_path / "run" / "training.png") as curve:  # loss and WAR / UAR per epoch
+        assert curve.format == "PNG" and curve.size[0] > curve.size[1] > 200
 
 
 def test_resume_continues_where_the_run_stopped(synth_root, tmp_path):

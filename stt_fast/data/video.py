@@ -32,6 +32,10 @@ def list_frames(folder: str | os.PathLike) -> list[Path]:
         raise BadClipError(f"{folder}: clip folder not found")
     frames = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not frames:
+        videos = [p for p in folder.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES]
+        if videos:
+            raise BadClipError(f"{folder}: a folder of {len(videos)} video file(s), not of frames: pass the videos "
+                               f"themselves, or label the whole collection with `stt-fast annotate {folder}`")
         raise BadClipError(f"{folder}: no frame images in the folder")
     return frames
 
