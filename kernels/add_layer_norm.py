@@ -62,7 +62,8 @@ def add_layer_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Te
     """Fused residual add + LayerNorm. x, delta [..., D]; weight, bias [D] -> (y, z) in x's dtype.
 
     delta None: no add, y is x itself. Runs the Triton kernel on CUDA (and on the CPU through
-    TRITON_INTERPRET=1); otherwise on the CPU, add_layer_norm_reference.
+    TRITON_INTERPRET=1); otherwise on the CPU, add_layer_norm_reference. Under torch.compile, torch.export
+    and fake-tensor tracing it is one op, torch.ops.stt_fast.add_layer_norm.
     """
     dim = x.shape[-1]
     if delta is not None and (delta.shape != x.shape or delta.dtype != x.dtype):
@@ -73,8 +74,17 @@ def add_layer_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Te
         raise ValueError(f"add_layer_norm supports D <= {MAX_DIM}, got {dim}")
     if cls_period < 0:
         raise ValueError(f"cls_period must be >= 0, got {cls_period}")
-    if is_fake(x):  # fake-tensor tracing: the reference has the same shapes, dtypes and aliasing rules
-        return add_layer_norm_reference(x, delta, weight, bias, eps, cls_period=cls_period)
+    if torch.compiler.is_compiling() or is_fake(x):
+        # torch.compile / torch.export and fake-tensor tracing (the launch plan, the hot-path checks) see one
+        # opaque op, as a GPU runs one launch
+        y, z = torch.ops.stt_fast.add_layer_norm(x, delta, weight, bias, float(eps), int(cls_period))
+        return (x if delta is None else y), z
+    return _add_layer_norm(x, delta, weight, bias, eps, cls_period)
+
+
+def _add_layer_norm(x, delta, weight, bias, eps: float, cls_period: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The launch (or, on the CPU without the interpreter, the reference), after the checks."""
+    dim = x.shape[-1]
     if x.device.type == "cpu" and not interpreting():
         _log_cpu_fallback_once()
         return add_layer_norm_reference(x, delta, weight, bias, eps, cls_period=cls_period)
@@ -106,3 +116,18 @@ def launch_shape(dim: int) -> tuple[int, int]:
     """(BLOCK_D, num_warps) for rows of dim elements."""
     block = triton.next_power_of_2(dim)
     return block, min(max(block // 256, 1), 16)
+
+
+@torch.library.custom_op("stt_fast::add_layer_norm", mutates_args=())
+def _add_layer_norm_op(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor,
+                       eps: float, cls_period: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.ops.stt_fast.add_layer_norm: (y, z) as one op; without delta y is empty (the caller keeps x:
+    an op's outputs may not alias its inputs)."""
+    y, z = _add_layer_norm(x, delta, weight, bias, eps, cls_period)
+    return (x.new_empty(0) if delta is None else y), z
+
+
+@_add_layer_norm_op.register_fake
+def _(x, delta, weight, bias, eps, cls_period):
+    z = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    return (x.new_empty(0) if delta is None else torch.empty(x.shape, dtype=x.dtype, device=x.device)), z

@@ -79,7 +79,11 @@ MAX_REGISTERS_PER_THREAD = 255
 
 
 def gpu_spec(name: str, memory_gib: float | None = None) -> GPUSpec | None:
-    """The datasheet entry of a GPU by its torch name (and memory, for the Jetson modules), or None."""
+    """The datasheet entry of a GPU by its table name ("Jetson Orin NX 16GB"), or by its torch name (and
+    memory, for the Jetson modules), or None."""
+    for spec in GPUS:
+        if spec.name == name:
+            return spec
     for spec in GPUS:
         named = re.search(spec.pattern, name) is not None
         if named and (memory_gib is None or spec.min_memory_gib <= memory_gib < spec.max_memory_gib):

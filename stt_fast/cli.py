@@ -425,6 +425,27 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_kernels_plan(args: argparse.Namespace) -> int:
+    from stt_fast.bounds import gpu_spec
+    from stt_fast.launch_plan import launch_plan, plan_markdown, write_plan
+
+    unknown = [g for g in args.gpus if gpu_spec(g) is None]
+    if unknown:
+        from stt_fast.bounds import GPUS
+
+        raise ValueError(f"unknown GPU(s) {unknown}; stt_fast.bounds knows: {', '.join(g.name for g in GPUS)}")
+    text = []
+    for config_name in args.config:
+        plan = launch_plan(config_name, backends=args.backend, batches=args.batch, precision=args.precision,
+                           gpus=args.gpus)
+        text.append(plan_markdown(plan))
+        if args.output:
+            json_path, md_path = write_plan(plan, args.output)
+            print(f"[kernels plan] wrote {json_path} and {md_path.name}", file=sys.stderr)
+    print("\n".join(text))
+    return 0
+
+
 def _cmd_kernels(args: argparse.Namespace) -> int:
     import datetime
 
@@ -669,7 +690,23 @@ def build_parser() -> argparse.ArgumentParser:
                        description="stt-fast kernels aot: compile every kernel x launch candidate x dtype ahead "
                                    "of time for each GPU target (no GPU needed) and report registers, spills, "
                                    "shared memory and tensor-core instructions; --check fails on a problem.")
-    kernel_sub = p.add_subparsers(dest="kernels_action", required=True, metavar="aot", parser_class=_Parser)
+    kernel_sub = p.add_subparsers(dest="kernels_action", required=True, metavar="aot|plan", parser_class=_Parser)
+    k = kernel_sub.add_parser("plan", help="the launches, bytes and modelled time of one forward (a model, no GPU)",
+                              description="Trace one steady-state forward on fake CUDA tensors and list its kernel "
+                                          "launches with their FLOPs and bytes, and the roofline time per GPU type "
+                                          "plus a per-launch floor, beside the eager reference model. A model, "
+                                          "labelled so: `stt-fast selftest` checks it against torch.profiler on a "
+                                          "GPU.")
+    k.add_argument("--config", type=name_list, default=["paper"], help="comma-separated presets")
+    k.add_argument("--backend", type=name_list, default=["triton", "torch"],
+                   help="comma-separated: triton, torch (the eager reference is always beside them)")
+    k.add_argument("--batch", type=int_list, default=[1, 8, 64], help="comma-separated batch sizes")
+    k.add_argument("--precision", default="fp16", choices=("fp16", "bf16", "fp32"), help="compute precision")
+    k.add_argument("--gpus", type=name_list, default=["H100 SXM", "A100 SXM4 80GB", "L4", "Jetson AGX Orin 64GB"],
+                   help="comma-separated GPU types of stt_fast.bounds")
+    k.add_argument("--output", default=None, help="also write JSON and markdown under OUTPUT/launch-plan/ "
+                                                   "(the project's: benchmarks/results)")
+    k.set_defaults(func=_cmd_kernels_plan)
     k = kernel_sub.add_parser("aot", help="ahead-of-time compile matrix for GPU targets")
     k.add_argument("--targets", type=name_list, default=["sm_75", "sm_80", "sm_86", "sm_87", "sm_89", "sm_90"],
                    help="comma-separated: sm_75 (T4), sm_80 (A100), sm_86 (A10), sm_87 (Jetson Orin), sm_89 (L4), "
@@ -682,7 +719,7 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--check", action="store_true", help="exit 1 when a candidate the launch tables can choose "
                                                         "spills, overflows shared memory or misses its instructions")
     _add_quiet(k)
-    p.set_defaults(func=_cmd_kernels)
+    k.set_defaults(func=_cmd_kernels)
 
     p = sub.add_parser("cache", help="the cache of exported graphs and engines: list it, or clear it",
                        description="Exported ONNX programs and TensorRT engines are cached under "

@@ -13,6 +13,7 @@ reason:
     no-host-sync   steady-state calls with torch.cuda.set_sync_debug_mode("error"); on a CPU, the CUDA
                    path traced on fake CUDA tensors (a data-dependent branch would raise there)
     devices        triton and tensorrt backends on the last of several GPUs (not the current device)
+    launch-plan    torch.profiler's kernels of one forward beside `stt-fast kernels plan`'s launches
     kernel-bench   the st_attention microbenchmark (fraction of the roofline bound on a known GPU)
     bench          the benchmark suite, batch 1, 8 and 64 on a GPU (the tiny config, batch 1 and 8, on a CPU)
     tensorrt       export -> FP16 engine build -> check of the config's model (TensorRT and a GPU)
@@ -283,6 +284,55 @@ def item_devices(device: torch.device, out: Path, config: STTConfig, quick: bool
     return "; ".join(lines)
 
 
+def item_launch_plan(device: torch.device, out: Path, config: STTConfig, quick: bool) -> str:
+    """torch.profiler's kernel list of a steady-state forward beside the launch plan's (stt_fast.launch_plan):
+    the model's launch count and time checked the first time a GPU runs it."""
+    if device.type != "cuda":
+        raise Skip("checking the launch plan against torch.profiler needs a CUDA GPU (the plan itself: "
+                   "`stt-fast kernels plan`)")
+    from collections import Counter
+
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    import stt_fast
+
+    from .bounds import gpu_spec
+    from .launch_plan import LAUNCH_FLOOR_US, forward_launches, modelled_microseconds
+
+    model = _model(config).to(device)
+    compiled = stt_fast.compile(model, device=device, backend="triton", dtype=torch.float16, cuda_graphs=False,
+                                validate=False)
+    props = torch.cuda.get_device_properties(device)
+    spec = gpu_spec(props.name, props.total_memory / 2**30)
+    rows, lines = [], []
+    for batch in (1, 8):
+        planned = forward_launches(config, backend="triton", batch=batch, dtype=torch.float16)
+        clips = torch.randint(0, 256, (batch, config.num_frames, 3, config.image_size, config.image_size),
+                              dtype=torch.uint8, device=device)
+        with torch.no_grad():
+            for _ in range(3):  # autotuning and allocations before the profiled call
+                compiled(clips)
+            torch.cuda.synchronize(device)
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                compiled(clips)
+                torch.cuda.synchronize(device)
+        kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+        device_us = sum(e.device_time_total for e in kernels)
+        modelled = (modelled_microseconds(planned, spec.name, "fp16", 0.0) if spec else None)
+        rows.append({"batch": batch, "planned_launches": len(planned), "measured_kernels": len(kernels),
+                     "measured_kernel_us": round(device_us, 1),
+                     "modelled_roofline_us_without_floor": None if modelled is None else round(modelled, 1),
+                     "launch_floor_us_assumed": LAUNCH_FLOOR_US["graph"],
+                     "planned": Counter(x.op for x in planned).most_common(),
+                     "measured": Counter(e.name for e in kernels).most_common(60)})
+        model_text = f", {modelled:.0f} µs of roofline time modelled" if modelled is not None else ""
+        lines.append(f"batch {batch}: {len(kernels)} kernels measured vs {len(planned)} launches planned, "
+                     f"{device_us:.0f} µs of kernel time{model_text}")
+    write_text_atomic(out / "launch-plan.json", json.dumps({"gpu": props.name, "rows": rows}, indent=1))
+    return "; ".join(lines) + " (eager kernels, CUDA graphs off; details in launch-plan.json)"
+
+
 def item_kernel_bench(device: torch.device, out: Path, config: STTConfig, quick: bool) -> str:
     if device.type != "cuda":
         raise Skip("the Triton kernels are timed on a CUDA GPU only (the interpreter is a correctness tool)")
@@ -389,6 +439,7 @@ def run_selftest(output: str | os.PathLike = "results/selftest", *, device: str 
         ("backends", lambda: item_backends(device, folder, config, quick)),
         ("no-host-sync", lambda: item_no_host_sync(device, folder, config, quick)),
         ("devices", lambda: item_devices(device, folder, config, quick)),
+        ("launch-plan", lambda: item_launch_plan(device, folder, config, quick)),
         ("kernel-bench", lambda: item_kernel_bench(device, folder, config, quick)),
         ("bench", lambda: item_bench(device, folder, config_name, quick, progress)),
         ("tensorrt", lambda: item_tensorrt(device, folder, config, quick)),

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-GPU_ONLY = {"cuda-graphs": "CUDA GPU", "devices": "two CUDA GPUs", "kernel-bench": "CUDA GPU", "tensorrt": "CUDA GPU",
-            "aot": "no local GPU"}
+GPU_ONLY = {"cuda-graphs": "CUDA GPU", "devices": "two CUDA GPUs", "launch-plan": "CUDA GPU",
+            "kernel-bench": "CUDA GPU", "tensorrt": "CUDA GPU", "aot": "no local GPU"}
 
 
 @pytest.mark.slow
@@ -27,7 +27,7 @@ def test_selftest_on_the_cpu_runs_the_cpu_parts_and_lists_the_rest(tmp_path):
     report = json.loads((folder / "selftest.json").read_text())
     status = {item["name"]: item for item in report["items"]}
     assert [i["name"] for i in report["items"]] == ["kernels", "cuda-graphs", "backends", "no-host-sync", "devices",
-                                                    "kernel-bench", "bench", "tensorrt", "aot"]
+                                                    "launch-plan", "kernel-bench", "bench", "tensorrt", "aot"]
     for name in ("kernels", "backends", "no-host-sync", "bench"):
         assert status[name]["status"] == "passed", status[name]
     assert "interpreter" in status["kernels"]["detail"] and "fake CUDA" in status["no-host-sync"]["detail"]
@@ -35,7 +35,7 @@ def test_selftest_on_the_cpu_runs_the_cpu_parts_and_lists_the_rest(tmp_path):
         assert status[name]["status"] == "skipped" and reason in status[name]["detail"]
         assert f"  {name}: " in result.stdout, "the skip list is printed"
     summary = (folder / "SUMMARY.md").read_text()
-    assert "4 passed, 0 failed, 5 skipped" in summary and "no GPU" in summary
+    assert "4 passed, 0 failed, 6 skipped" in summary and "no GPU" in summary
     assert {"kernels.json", "backends.json", "bench.md", "SUMMARY.md"} <= {p.name for p in folder.rglob("*")}
 
 

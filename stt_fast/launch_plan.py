@@ -1,0 +1,248 @@
+"""The launch plan: the device work of one steady-state forward as a GPU would run it, without a GPU.
+
+A forward is traced on fake CUDA tensors (FakeTensorMode: shapes, dtypes and strides, no data, no GPU) under
+a dispatch mode that records every operator that reaches the device. Each recorded operator that computes
+(not a view, not an allocation, not a metadata query) is one launch; a custom kernel (stt_fast::st_attention,
+stt_fast::add_layer_norm) is one launch; a convolution with a bias is two, as PyTorch runs it on cuDNN
+(cuDNN's convolution, then the bias added by a separate kernel). Per launch: FLOPs (torch.utils.flop_counter's
+formulas; the attention kernels' from stt_fast.bounds), bytes read (every tensor operand once) and written
+(every output once). Per GPU type of stt_fast.bounds: the roofline time of each launch, max(FLOPs / peak,
+bytes / bandwidth), plus a per-launch floor.
+
+THIS IS A MODEL, NOT A MEASUREMENT. The floor is an assumption (LAUNCH_FLOOR_US), caches are ignored (bytes
+are DRAM traffic as if nothing stayed in L2), and kernels never overlap. What it is for: counting launches and
+bytes, the two things that decide this model's time at small batch, and seeing where they go. `stt-fast
+selftest` on a GPU records torch.profiler's kernel list beside it, so the model is checked the first time a
+GPU runs it. It cannot model torch.compile or TensorRT, which fuse what they see.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
+
+from .bounds import attention_work, gpu_spec, roofline
+from .config import STTConfig, get_config
+
+# Assumed device time a launch costs beyond its roofline time: a kernel replayed in a CUDA graph (the
+# compiled module) and one launched by eager PyTorch (the reference), which adds the framework's per-op
+# host overhead whenever the GPU outruns it. Assumptions of this model, to be replaced by what the
+# selftest's torch.profiler run measures.
+LAUNCH_FLOOR_US = {"graph": 2.0, "eager": 5.0}
+DEFAULT_GPUS = ("H100 SXM", "A100 SXM4 80GB", "L4", "Jetson AGX Orin 64GB")
+# Operators that reach the dispatcher but launch nothing: allocations and metadata.
+NO_LAUNCH = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "lift_fresh", "detach",
+             "_unsafe_view",  # a reshape of a contiguous result: metadata only
+             "set_", "resize_"}
+
+
+@dataclass(frozen=True)
+class Launch:
+    op: str  # the operator, e.g. "aten.addmm" or "stt_fast.st_attention"
+    kind: str  # gemm, conv, attention, layer_norm, elementwise, reduction, copy, other
+    flops: int
+    bytes_read: int
+    bytes_written: int
+    shape: str  # the first output's shape
+
+    @property
+    def bytes(self) -> int:
+        return self.bytes_read + self.bytes_written
+
+
+_KINDS = {"addmm": "gemm", "mm": "gemm", "bmm": "gemm", "baddbmm": "gemm", "linear": "gemm",
+          "convolution": "conv", "st_attention": "attention", "add_layer_norm": "layer_norm",
+          "native_layer_norm": "layer_norm", "_softmax": "reduction", "sum": "reduction", "mean": "reduction",
+          "amax": "reduction", "max_pool2d_with_indices": "reduction", "_to_copy": "copy", "copy_": "copy",
+          "clone": "copy", "cat": "copy"}
+
+
+def _tensors(values) -> list[torch.Tensor]:
+    flat, _ = torch.utils._pytree.tree_flatten(values)
+    return [t for t in flat if isinstance(t, torch.Tensor)]
+
+
+def _nbytes(tensors: Sequence[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class _Recorder(TorchDispatchMode):
+    """Every launch of the operators dispatched below it (outermost calls only)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.launches: list[Launch] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name = func.name().split("::")[-1].split(".")[0]
+        namespace = func.namespace
+        outputs = _tensors(out)
+        if (namespace not in ("aten", "stt_fast") or not outputs or name in NO_LAUNCH
+                or getattr(func, "is_view", False)):
+            return out
+        inputs = _tensors((args, kwargs))
+        if name in ("copy_", "add_", "relu_", "mul_", "div_", "masked_fill_"):  # in place: the output is an input
+            outputs = outputs[:1]
+        flops = self._flops(func, name, args, kwargs, out)
+        same_size = bool(inputs) and outputs[0].numel() == inputs[0].numel()
+        kind = _KINDS.get(name, "elementwise" if same_size else "other")
+        shape = "x".join(map(str, outputs[0].shape))
+        if name == "convolution" and len(args) > 2 and args[2] is not None:
+            # PyTorch's cuDNN path: the convolution without its bias, then the bias added by its own kernel
+            conv_out = _nbytes(outputs)
+            self.launches.append(Launch("aten.convolution", "conv", flops, _nbytes(inputs[:2]), conv_out, shape))
+            self.launches.append(Launch("aten.add_ (conv bias)", "elementwise", outputs[0].numel(),
+                                        conv_out + _nbytes(inputs[2:3]), conv_out, shape))
+            return out
+        self.launches.append(Launch(f"{namespace}.{name}", kind, flops, _nbytes(inputs), _nbytes(outputs), shape))
+        return out
+
+    @staticmethod
+    def _flops(func, name: str, args, kwargs, out) -> int:
+        if name == "st_attention":
+            q, _, _, frames, mode = args[:5]
+            batch, length, heads, head_dim = q.shape
+            patches = (length - 1) // frames
+            return attention_work(mode, batch, frames, patches, heads, head_dim, q.element_size())[0]
+        counter = flop_registry.get(func._overloadpacket)
+        return int(counter(*args, **kwargs, out_val=out)) if counter else 0
+
+
+def trace_launches(run: Callable[[], object], mode: FakeTensorMode) -> list[Launch]:
+    """The launches of run() (a forward on fake CUDA tensors made under `mode`)."""
+    recorder = _Recorder()
+    with mode, recorder, torch.no_grad():
+        run()
+    return recorder.launches
+
+
+def _fake_cuda(module: torch.nn.Module, dtype: torch.dtype, mode: FakeTensorMode) -> torch.nn.Module:
+    def to_fake_cuda(t: torch.Tensor) -> torch.Tensor:
+        return torch.empty_strided(t.shape, t.stride(), device="cuda",
+                                   dtype=dtype if t.is_floating_point() else t.dtype)
+
+    with mode:
+        module._apply(to_fake_cuda)
+    return module
+
+
+def forward_launches(config: STTConfig, *, backend: str, batch: int, dtype: torch.dtype) -> list[Launch]:
+    """The launches of one forward on `batch` uint8 clips already on the GPU: backend "triton" or "torch" (the
+    compiled program's op sets) or "reference" (the eager reference model on CUDA, the peer)."""
+    from .compiler import CompiledSTT
+    from .compiler.program import STTProgram
+    from .model import STT
+
+    torch.manual_seed(0)
+    with torch.device("meta"):  # no weights are computed: only their shapes reach the fake tensors
+        model = STT(config).eval()
+    mode = FakeTensorMode()
+    if backend == "reference":
+        # on the meta device: a CPU-only PyTorch cannot index fake CUDA tensors (the reference does), and the
+        # reference has no device-dependent code, so the same operators reach the device
+        model = model.to(dtype)
+        clips = torch.empty(batch, config.num_frames, 3, config.image_size, config.image_size, device="meta",
+                            dtype=torch.uint8)
+        recorder = _Recorder()
+        with recorder, torch.no_grad():
+            model(clips)
+        return recorder.launches
+    if backend in ("triton", "torch"):
+        program = STTProgram(model.to_empty(device="cpu"), ops=backend).eval()
+        module = CompiledSTT(_fake_cuda(program, dtype, mode), config=config, device=torch.device("cuda", 0),
+                             dtype=dtype, backend=backend)
+    else:
+        raise ValueError(f"backend must be 'triton', 'torch' or 'reference', got {backend!r}")
+    with mode:
+        clips = torch.empty(batch, config.num_frames, 3, config.image_size, config.image_size, device="cuda",
+                            dtype=torch.uint8)
+    return trace_launches(lambda: module(clips), mode)
+
+
+@dataclass(frozen=True)
+class PlanRow:
+    """One forward's totals for one (backend, batch), and its modelled time per GPU type (µs)."""
+
+    backend: str
+    batch: int
+    launches: int
+    flops: int
+    bytes: int
+    by_kind: dict[str, int]
+    modelled_us: dict[str, float]
+
+
+def modelled_microseconds(launches: Sequence[Launch], gpu: str, precision: str, floor_us: float) -> float:
+    """The plan's time on a GPU of stt_fast.bounds: each launch's roofline time plus the floor, summed."""
+    spec = gpu_spec(gpu)
+    if spec is None:
+        raise ValueError(f"no datasheet entry for GPU {gpu!r} in stt_fast.bounds")
+    return sum(roofline(spec, launch.flops, launch.bytes, precision).microseconds + floor_us for launch in launches)
+
+
+def plan_row(config: STTConfig, backend: str, batch: int, precision: str, gpus: Sequence[str]) -> PlanRow:
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[precision]
+    launches = forward_launches(config, backend=backend, batch=batch, dtype=dtype)
+    floor = LAUNCH_FLOOR_US["eager" if backend == "reference" else "graph"]
+    return PlanRow(backend, batch, len(launches), sum(x.flops for x in launches), sum(x.bytes for x in launches),
+                   dict(Counter(x.kind for x in launches)),
+                   {gpu: round(modelled_microseconds(launches, gpu, precision, floor), 1) for gpu in gpus})
+
+
+def launch_plan(config_name: str = "paper", *, backends: Sequence[str] = ("triton", "torch"),
+                batches: Sequence[int] = (1, 8, 64), precision: str = "fp16",
+                gpus: Sequence[str] = DEFAULT_GPUS) -> dict:
+    """The plan of config_name for each backend and batch, with the eager reference beside it: plain data
+    (JSON-able), labelled as a model."""
+    config = get_config(config_name)
+    rows = [plan_row(config, backend, batch, precision, gpus)
+            for backend in (*backends, "reference") for batch in batches]
+    return {"kind": "launch plan (a model, not a measurement)", "config_name": config_name,
+            "config": config.to_dict(), "precision": precision, "clips": "uint8, already on the GPU",
+            "launch_floor_us": LAUNCH_FLOOR_US, "gpus": list(gpus),
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "rows": [asdict(r) for r in rows]}
+
+
+def plan_markdown(plan: dict) -> str:
+    """The plan as markdown: per backend and batch, launches, bytes and modelled time per GPU type."""
+    gpus = plan["gpus"]
+    lines = [f"### Launch plan: `{plan['config_name']}`, {plan['precision']}, {plan['clips']}",
+             "",
+             "**A model, not a measurement**: each launch's roofline time on the GPU's datasheet peaks plus a "
+             f"per-launch floor ({plan['launch_floor_us']['graph']} µs in a CUDA graph for ours, "
+             f"{plan['launch_floor_us']['eager']} µs eager for the reference: assumptions), no cache, no overlap. "
+             "It counts launches and bytes; it cannot model torch.compile or TensorRT. `stt-fast selftest` "
+             "records torch.profiler's kernel list beside it on a GPU.",
+             "",
+             "| backend | batch | launches | GB moved | GFLOP | by kind | "
+             + " | ".join(f"{g} (µs)" for g in gpus) + " |",
+             "|---|---:|---:|---:|---:|---|" + "---:|" * len(gpus)]
+    for r in plan["rows"]:
+        kinds = ", ".join(f"{k} {v}" for k, v in sorted(r["by_kind"].items(), key=lambda kv: -kv[1]))
+        times = " | ".join(f"{r['modelled_us'][g]:.0f}" for g in gpus)
+        lines.append(f"| {r['backend']} | {r['batch']} | {r['launches']} | {r['bytes'] / 1e9:.3f} | "
+                     f"{r['flops'] / 1e9:.2f} | {kinds} | {times} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_plan(plan: dict, output: str | os.PathLike) -> tuple[Path, Path]:
+    """OUTPUT/launch-plan/<time>-<config>.json and .md, written atomically."""
+    from .files import write_text_atomic
+
+    stamp = plan["created"].replace("-", "").replace(":", "").replace("+0000", "Z")  # 20261201T211418Z
+    base = Path(output) / "launch-plan" / f"{stamp}-{plan['config_name']}"
+    return (write_text_atomic(base.with_suffix(".json"), json.dumps(plan, indent=1)),
+            write_text_atomic(base.with_suffix(".md"), plan_markdown(plan)))
