@@ -3,11 +3,12 @@
 A forward is traced on fake CUDA tensors (FakeTensorMode: shapes, dtypes and strides, no data, no GPU) under
 a dispatch mode that records every operator that reaches the device. Each recorded operator that computes
 (not a view, not an allocation, not a metadata query) is one launch; a custom kernel (stt_fast::st_attention,
-stt_fast::add_layer_norm) is one launch; a convolution with a bias is two, as PyTorch runs it on cuDNN
-(cuDNN's convolution, then the bias added by a separate kernel). Per launch: FLOPs (torch.utils.flop_counter's
-formulas; the attention kernels' from stt_fast.bounds), bytes read (every tensor operand once) and written
-(every output once). Per GPU type of stt_fast.bounds: the roofline time of each launch, max(FLOPs / peak,
-bytes / bandwidth), plus a per-launch floor.
+stt_fast::add_layer_norm, stt_fast::conv_bias_relu: cuDNN's fused convolution-bias-ReLU) is one launch, and
+so is a matrix product with its cuBLASLt epilogue (aten._addmm_activation); a plain convolution with a bias
+is two, as PyTorch runs it on cuDNN (cuDNN's convolution, then the bias added by a separate kernel). Per
+launch: FLOPs (torch.utils.flop_counter's formulas; the attention kernels' from stt_fast.bounds), bytes
+read (every tensor operand once) and written (every output once). Per GPU type of stt_fast.bounds: the
+roofline time of each launch, max(FLOPs / peak, bytes / bandwidth), plus a per-launch floor.
 
 THIS IS A MODEL, NOT A MEASUREMENT. The floor is an assumption (LAUNCH_FLOOR_US), caches are ignored (bytes
 are DRAM traffic as if nothing stayed in L2), and kernels never overlap. What it is for: counting launches and
@@ -60,8 +61,9 @@ class Launch:
         return self.bytes_read + self.bytes_written
 
 
-_KINDS = {"addmm": "gemm", "mm": "gemm", "bmm": "gemm", "baddbmm": "gemm", "linear": "gemm",
-          "convolution": "conv", "st_attention": "attention", "add_layer_norm": "layer_norm",
+_KINDS = {"addmm": "gemm", "_addmm_activation": "gemm", "mm": "gemm", "bmm": "gemm", "baddbmm": "gemm",
+          "linear": "gemm", "convolution": "conv", "conv_bias_relu": "conv", "st_attention": "attention",
+          "add_layer_norm": "layer_norm",
           "native_layer_norm": "layer_norm", "_softmax": "reduction", "sum": "reduction", "mean": "reduction",
           "amax": "reduction", "max_pool2d_with_indices": "reduction", "_to_copy": "copy", "copy_": "copy",
           "clone": "copy", "cat": "copy"}
@@ -116,6 +118,12 @@ class _Recorder(TorchDispatchMode):
             batch, length, heads, head_dim = q.shape
             patches = (length - 1) // frames
             return attention_work(mode, batch, frames, patches, heads, head_dim, q.element_size())[0]
+        if name == "_addmm_activation":  # a matrix product with its epilogue: the product's FLOPs
+            return int(flop_registry[torch.ops.aten.addmm](*args[:3], out_val=out))
+        if name == "conv_bias_relu":  # a convolution's FLOPs (the bias, add and ReLU are not counted)
+            x, weight, bias, stride, padding = args[:5]
+            counter = flop_registry[torch.ops.aten.convolution]
+            return int(counter(x, weight, bias, stride, padding, [1, 1], False, [0, 0], 1, out_val=out))
         counter = flop_registry.get(func._overloadpacket)
         return int(counter(*args, **kwargs, out_val=out)) if counter else 0
 

@@ -136,7 +136,33 @@ if full:  # every candidate of the launch tables, forced, at the paper's shape (
                 impl._launch(q, k, v, out, shape, mode, 64**-0.5, config=config)
                 compare(out, q, k, v, 16, mode, dtype, f"candidate {mode} {name} {tuple(config)}")
                 candidates += 1
-print(json.dumps({"checked": checked, "candidates": candidates, "worst_relative_error": worst}))
+fused = 0
+if device.startswith("cuda"):  # the cuDNN and cuBLASLt fused routes against the unfused ops, in float64
+    import torch.nn.functional as F
+    from stt_fast.compiler.conv_ops import conv_bias_relu, conv_bias_relu_reference
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        x = torch.randn(2, 64, 28, 28, dtype=dtype, device=device).to(memory_format=torch.channels_last)
+        w = (torch.randn(64, 64, 3, 3, dtype=dtype, device=device) * 0.05).to(memory_format=torch.channels_last)
+        b, r = torch.randn(64, dtype=dtype, device=device), torch.randn_like(x)
+        for residual in (None, r):
+            got = conv_bias_relu(x, w, b, [1, 1], [1, 1], residual)
+            ref = conv_bias_relu_reference(*(t.double() for t in (x, w, b)), [1, 1], [1, 1],
+                                           None if residual is None else residual.double())
+            err = relative_error(got, ref)
+            key = f"conv_bias_relu {str(dtype)[6:]} {'add' if residual is not None else 'plain'}"
+            worst[key] = err
+            assert err < tolerance(dtype).kernel, (key, err)
+            fused += 1
+        if dtype != torch.float32:
+            shapes = ((300, 512), (2048, 512), (2048,))
+            rows, weight, bias = (torch.randn(*s, dtype=dtype, device=device) for s in shapes)
+            got = torch._addmm_activation(bias, rows, weight.t(), use_gelu=True)
+            ref = F.gelu(F.linear(*(t.double() for t in (rows, weight, bias))))
+            err = relative_error(got, ref)
+            worst[f"fc1+gelu epilogue {str(dtype)[6:]}"] = err
+            assert err < tolerance(dtype).model, ("fc1+gelu", dtype, err)
+            fused += 1
+print(json.dumps({"checked": checked, "candidates": candidates, "fused_routes": fused, "worst_relative_error": worst}))
 """
 
 
@@ -156,6 +182,8 @@ def item_kernels(device: torch.device, out: Path, config: STTConfig, quick: bool
     where = "on the GPU" if device.type == "cuda" else "through Triton's interpreter (CPU)"
     worst = max(report["worst_relative_error"].items(), key=lambda kv: kv[1])
     forced = f", every launch-table candidate forced once ({report['candidates']})" if report["candidates"] else ""
+    if report.get("fused_routes"):
+        forced += ", the cuDNN conv+bias+ReLU(+add) and cuBLASLt fc1+GELU routes against the unfused ops"
     return (f"{report['checked']} st_attention checks (3 modes x fp16/bf16/fp32 x head dims 16-128; whole output, "
             f"worst row and cls rows) and add_layer_norm {where}{forced}; largest relative error {worst[1]:.1e} "
             f"({worst[0]})")

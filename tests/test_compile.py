@@ -391,3 +391,34 @@ def test_cuda_graphs_per_batch_size():
         assert relative_error(compiled(x), model.cpu()(x)) < tolerance(torch.float16).model
         model.cuda()
     assert [key[0][0] for key in compiled.graphs.cached()] == [4, 1], "the least recently used graph is evicted"
+
+
+def test_fused_backbone_and_folded_uint8_scale_compute_the_same_function():
+    """The Triton op set's backbone (each convolution + bias + ReLU + residual as one op, the 1/255 of
+    uint8 clips in conv1's weights) against the unfused folded trunk and the original trunk, in float64.
+    (Mutation: the residual added after the ReLU, or the scale folded twice, and the outputs differ.)"""
+    from stt_fast.compiler.folding import FoldedTrunk
+    from stt_fast.model import STT
+
+    model = trained_looking(get_config("tiny")).double()
+    fused, plain = FoldedTrunk(model.backbone, fused=True), FoldedTrunk(model.backbone, fused=False)
+    pixels = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    frames = pixels.double() / 255
+    with torch.no_grad():
+        expected = model.backbone(frames)
+        torch.testing.assert_close(plain(frames), expected, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(fused(frames), expected, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(fused(pixels.double(), uint8_scale=True), expected, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(plain(pixels.double(), uint8_scale=True), expected, rtol=1e-10, atol=1e-10)
+    assert isinstance(model, STT)
+
+
+def test_the_fused_ops_are_the_triton_op_set_only():
+    """The torch fallback and the exported graphs keep PyTorch's standard ops (an ONNX graph cannot hold
+    the project's own op), and the fused GELU epilogue (tanh form) is for half precision only."""
+    from stt_fast.compiler.program import STTProgram
+
+    model = trained_looking(get_config("tiny"))
+    for ops, fused in (("triton", True), ("torch", False), ("export", False), ("export-attention-op", False)):
+        program = STTProgram(model, ops=ops)
+        assert program.backbone.fused is fused and program.fold_uint8_scale is fused and program.fused_gelu is fused

@@ -11,9 +11,12 @@ from __future__ import annotations
 import copy
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from stt_fast.backbone import BasicBlock, ResNet18Trunk
+
+from .conv_ops import conv_bias_relu
 
 
 @torch.no_grad()
@@ -42,29 +45,52 @@ def fold_linear_chain(first: nn.Linear, second: nn.Linear) -> nn.Linear:
     return fused
 
 
+def _conv_relu(conv: nn.Conv2d, x: torch.Tensor, residual: torch.Tensor | None, fused: bool) -> torch.Tensor:
+    """relu(conv(x) + residual): one fused launch (conv_ops) or PyTorch's separate passes."""
+    if fused:
+        return conv_bias_relu(x, conv.weight, conv.bias, list(conv.stride), list(conv.padding), residual)
+    out = conv(x)
+    return torch.relu_(out if residual is None else out.add_(residual))
+
+
 class FoldedBasicBlock(nn.Module):
-    def __init__(self, block: BasicBlock) -> None:
+    def __init__(self, block: BasicBlock, fused: bool = False) -> None:
         super().__init__()
+        self.fused = fused
         self.conv1 = fold_conv_bn(block.conv1, block.bn1)
         self.conv2 = fold_conv_bn(block.conv2, block.bn2)
         self.downsample = None if block.downsample is None else fold_conv_bn(*block.downsample)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
-        out = self.conv2(torch.relu_(self.conv1(x)))
-        return torch.relu_(out.add_(identity))
+        return _conv_relu(self.conv2, _conv_relu(self.conv1, x, None, self.fused), identity, self.fused)
 
 
 class FoldedTrunk(nn.Module):
-    """ResNet18Trunk with every BatchNorm folded away: same function in eval mode, fewer passes."""
+    """ResNet18Trunk with every BatchNorm folded away: same function in eval mode, fewer passes.
 
-    def __init__(self, trunk: ResNet18Trunk) -> None:
+    fused: each convolution + bias + ReLU (+ the block's residual) as one launch (conv_ops.conv_bias_relu).
+    forward(x, uint8_scale=True) takes frames still in 0-255 (uint8 converted, not divided): conv1 then uses
+    its weights divided by 255 (conv1_weight_255), so the 1/255 of uint8 clips costs no pass of its own."""
+
+    def __init__(self, trunk: ResNet18Trunk, fused: bool = False) -> None:
         super().__init__()
         trunk = copy.deepcopy(trunk).eval()
+        self.fused = fused
         self.conv1 = fold_conv_bn(trunk.conv1, trunk.bn1)
+        with torch.no_grad():
+            self.conv1_weight_255 = nn.Parameter(self.conv1.weight.detach().double().div(255).to(
+                self.conv1.weight.dtype))
         self.maxpool = trunk.maxpool
-        self.layers = nn.Sequential(*(FoldedBasicBlock(b) for layer in (trunk.layer1, trunk.layer2, trunk.layer3)
-                                      for b in layer))
+        self.layers = nn.Sequential(*(FoldedBasicBlock(b, fused) for layer in (trunk.layer1, trunk.layer2,
+                                                                               trunk.layer3) for b in layer))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers(self.maxpool(torch.relu_(self.conv1(x))))
+    def forward(self, x: torch.Tensor, uint8_scale: bool = False) -> torch.Tensor:
+        conv1 = self.conv1
+        if uint8_scale:
+            stem = (conv_bias_relu(x, self.conv1_weight_255, conv1.bias, list(conv1.stride), list(conv1.padding))
+                    if self.fused else
+                    torch.relu_(F.conv2d(x, self.conv1_weight_255, conv1.bias, conv1.stride, conv1.padding)))
+        else:
+            stem = _conv_relu(conv1, x, None, self.fused)
+        return self.layers(self.maxpool(stem))

@@ -1,0 +1,44 @@
+"""Convolution + bias + ReLU (+ a residual added before the ReLU) as one launch: cuDNN's fused
+convolution-bias-activation, behind the project's own torch.library op.
+
+    conv_bias_relu(x, w, b, residual) = relu(conv2d(x, w, b) + residual)     (residual optional)
+
+PyTorch's own path runs a convolution with a bias as two kernels (cuDNN's convolution, then the bias) and
+the ReLU and the residual add as two more. On CUDA this op is one cuDNN call (torch.cudnn_convolution_relu,
+torch.cudnn_convolution_add_relu); elsewhere, and as the reference, the plain PyTorch ops. It is an op of
+its own (torch.ops.stt_fast.conv_bias_relu, with a fake implementation) because a CPU-only PyTorch cannot
+run the cuDNN ops on fake CUDA tensors ("Torch not compiled with CUDA enabled"), so the launch plan and the
+fake-CUDA hot-path checks see one launch where a GPU runs one. The fused route is checked against the
+unfused one on the device by `stt-fast selftest`; a failure there makes backend="auto" fall back to
+"torch", which runs the unfused ops.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def conv_bias_relu_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, stride: list[int],
+                             padding: list[int], residual: torch.Tensor | None = None) -> torch.Tensor:
+    """relu(conv2d(x, weight, bias) + residual), in PyTorch ops: x [N, C, H, W] -> [N, K, H', W']."""
+    out = F.conv2d(x, weight, bias, stride, padding)
+    if residual is not None:
+        out = out.add_(residual)
+    return torch.relu_(out)
+
+
+@torch.library.custom_op("stt_fast::conv_bias_relu", mutates_args=())
+def conv_bias_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, stride: list[int], padding: list[int],
+                   residual: torch.Tensor | None = None) -> torch.Tensor:
+    """One cuDNN launch on CUDA; the reference elsewhere."""
+    if x.device.type != "cuda":
+        return conv_bias_relu_reference(x, weight, bias, stride, padding, residual)
+    if residual is None:
+        return torch.cudnn_convolution_relu(x, weight, bias, stride, padding, [1, 1], 1)
+    return torch.cudnn_convolution_add_relu(x, weight, residual, 1.0, bias, stride, padding, [1, 1], 1)
+
+
+@conv_bias_relu.register_fake
+def _(x, weight, bias, stride, padding, residual=None):
+    return conv_bias_relu_reference(x, weight, bias, stride, padding, residual)
