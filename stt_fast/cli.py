@@ -849,9 +849,15 @@ def _given(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
     action = (getattr(args, "bench_action", None) or getattr(args, "kernels_action", None)
               or getattr(args, "cache_action", None))
+    if unknown:  # named by the (sub)command they were given to, not by the top-level parser
+        command_parser = parser.commands[args.command]
+        for sub in command_parser._actions:
+            if action and isinstance(sub, argparse._SubParsersAction):
+                command_parser = sub.choices[action]
+        command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     command = f"{args.command} {action}" if action else args.command
     args.given = _given(parser.commands[args.command], argv)
     _setup_logging(getattr(args, "quiet", False))

@@ -46,6 +46,17 @@ def checkpoint(tmp_path_factory):
     return save_checkpoint(trained_looking(get_config("tiny")), tmp_path_factory.mktemp("ckpt") / "m.safetensors")
 
 
+@pytest.mark.parametrize("args,prog", [(["bench", "report", "--bogus"], "stt-fast bench report"),
+                                       (["predict", "x.mp4", "--bogus"], "stt-fast predict"),
+                                       (["kernels", "plan", "--bogus"], "stt-fast kernels plan")])
+def test_unknown_options_are_named_by_their_command(args, prog, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(args)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.startswith(f"{prog}: error: unrecognized arguments: --bogus")
+    assert len(err.strip().splitlines()) == 1
+
+
 def _all_parsers():
     """(name, parser) of every command and subcommand."""
     from stt_fast.cli import build_parser
