@@ -60,6 +60,12 @@ class FoldedBasicBlock(nn.Module):
         self.conv1 = fold_conv_bn(block.conv1, block.bn1)
         self.conv2 = fold_conv_bn(block.conv2, block.bn2)
         self.downsample = None if block.downsample is None else fold_conv_bn(*block.downsample)
+        if fused and self.downsample is not None:
+            # relu(conv2(y) + b2 + (W_ds x + b_ds)): the shortcut's bias joins conv2's, so that the shortcut is
+            # one bias-free convolution (PyTorch runs a biased one as two kernels) and conv2 + add + ReLU one
+            with torch.no_grad():
+                self.conv2.bias.add_(self.downsample.bias)
+                self.downsample.bias = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
