@@ -50,6 +50,10 @@ class CudaGraphCapture:
         self._pool = None
 
     def __call__(self, example: torch.Tensor) -> Replay:
+        with torch.cuda.device(self.device):  # capture and replay on the module's device, not the current one
+            return self._capture(example)
+
+    def _capture(self, example: torch.Tensor) -> Replay:
         static_in = example.to(self.device, copy=True)
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
@@ -67,6 +71,10 @@ class CudaGraphCapture:
         copied.record(torch.cuda.current_stream(self.device))
 
         def replay(clips: torch.Tensor) -> torch.Tensor:
+            with torch.cuda.device(self.device):
+                return run(clips)
+
+        def run(clips: torch.Tensor) -> torch.Tensor:
             rows = clips.shape[0]
             if clips.device.type == "cpu":
                 copied.synchronize()  # the previous call's copy out of the staging buffer has finished
