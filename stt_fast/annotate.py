@@ -102,7 +102,10 @@ def write_part(out: Path, rows: list[dict], fmt: str, columns: Sequence[str]) ->
 
     from .files import atomic_output
 
-    table = pa.Table.from_pylist([{c: r.get(c) for c in columns} for r in rows])
+    # one schema for every part: a part whose clips all read has an all-null error column, which would
+    # otherwise be typed null and make the folder unreadable as one data set beside a part with errors
+    schema = pa.schema([(c, pa.float64() if c.startswith("p_") else pa.string()) for c in columns])
+    table = pa.Table.from_pylist([{c: r.get(c) for c in columns} for r in rows], schema=schema)
     with atomic_output(path) as tmp:
         pq.write_table(table, str(tmp))
     return path

@@ -145,8 +145,12 @@ def test_every_way_the_docs_read_the_output_works(collection, checkpoint, tmp_pa
     import pandas as pd
     import pyarrow.dataset as ds
 
+    import pyarrow.parquet as pq
+
     out = tmp_path / "annotations"
     annotate(collection, out, checkpoint=checkpoint, device="cpu", batch_size=4, fmt="parquet")
+    schemas = {str(pq.read_schema(p)) for p in out.glob("*.parquet")}
+    assert len(schemas) == 1, "every part has one schema (an all-readable part's error column is a string too)"
     frame = pd.read_parquet(out)
     assert len(frame) == 15 and {"path", "label", "p_Happy", "error"} <= set(frame.columns)
     assert ds.dataset(out, format="parquet").count_rows() == 15

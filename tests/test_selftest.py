@@ -39,11 +39,16 @@ def test_selftest_on_the_cpu_runs_the_cpu_parts_and_lists_the_rest(tmp_path):
     assert {"kernels.json", "backends.json", "bench.md", "SUMMARY.md"} <= {p.name for p in folder.rglob("*")}
 
 
-def test_a_gpu_that_is_not_there_is_named():
+def test_a_gpu_that_is_not_there_is_named(capsys):
+    """Refused as the options are read (status 2, one line naming the devices here), before any work."""
     import torch
 
     from stt_fast.cli import main
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    assert main(["selftest", "--device", "cuda:3", "--quiet"]) == 2
+    with pytest.raises(SystemExit) as stop:
+        main(["selftest", "--device", "cuda:3", "--quiet"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "cuda:3" in err and "this machine has: cpu" in err
+    assert len(err.strip().splitlines()) == 1
