@@ -144,7 +144,6 @@ def test_every_way_the_docs_read_the_output_works(collection, checkpoint, tmp_pa
 
     import pandas as pd
     import pyarrow.dataset as ds
-
     import pyarrow.parquet as pq
 
     out = tmp_path / "annotations"
