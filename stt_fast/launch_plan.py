@@ -136,7 +136,9 @@ def trace_launches(run: Callable[[], object], mode: FakeTensorMode) -> list[Laun
     return recorder.launches
 
 
-def _fake_cuda(module: torch.nn.Module, dtype: torch.dtype, mode: FakeTensorMode) -> torch.nn.Module:
+def fake_cuda(module: torch.nn.Module, dtype: torch.dtype, mode: FakeTensorMode) -> torch.nn.Module:
+    """module with its tensors replaced by fake CUDA tensors of `mode` (floating ones in dtype): the CUDA
+    path without a GPU."""
     def to_fake_cuda(t: torch.Tensor) -> torch.Tensor:
         return torch.empty_strided(t.shape, t.stride(), device="cuda",
                                    dtype=dtype if t.is_floating_point() else t.dtype)
@@ -146,11 +148,19 @@ def _fake_cuda(module: torch.nn.Module, dtype: torch.dtype, mode: FakeTensorMode
     return module
 
 
+def fake_cuda_module(model, ops: str, dtype: torch.dtype, mode: FakeTensorMode):
+    """A CompiledSTT of model's program with op set `ops` ("triton" or "torch") on fake CUDA tensors of
+    `mode`, without CUDA graphs (capturing one needs a real GPU)."""
+    from .compiler import CompiledSTT
+    from .compiler.program import STTProgram
+
+    program = fake_cuda(STTProgram(model, ops=ops).eval(), dtype, mode)
+    return CompiledSTT(program, config=model.config, device=torch.device("cuda", 0), dtype=dtype, backend=ops)
+
+
 def forward_launches(config: STTConfig, *, backend: str, batch: int, dtype: torch.dtype) -> list[Launch]:
     """The launches of one forward on `batch` uint8 clips already on the GPU: backend "triton" or "torch" (the
     compiled program's op sets) or "reference" (the eager reference model on CUDA, the peer)."""
-    from .compiler import CompiledSTT
-    from .compiler.program import STTProgram
     from .model import STT
 
     torch.manual_seed(0)
@@ -168,9 +178,7 @@ def forward_launches(config: STTConfig, *, backend: str, batch: int, dtype: torc
             model(clips)
         return recorder.launches
     if backend in ("triton", "torch"):
-        program = STTProgram(model.to_empty(device="cpu"), ops=backend).eval()
-        module = CompiledSTT(_fake_cuda(program, dtype, mode), config=config, device=torch.device("cuda", 0),
-                             dtype=dtype, backend=backend)
+        module = fake_cuda_module(model.to_empty(device="cpu"), backend, dtype, mode)
     else:
         raise ValueError(f"backend must be 'triton', 'torch' or 'reference', got {backend!r}")
     with mode:

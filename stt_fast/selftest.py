@@ -68,23 +68,6 @@ def _model(config: STTConfig, seed: int = 0):
     return model
 
 
-def fake_cuda_module(model, ops: str, dtype: torch.dtype, mode):
-    """A CompiledSTT whose weights are fake CUDA tensors of `mode` (a FakeTensorMode): the CUDA path without
-    a GPU. No CUDA graphs (capturing one needs a real GPU)."""
-    from .compiler import CompiledSTT
-    from .compiler.program import STTProgram
-
-    program = STTProgram(model, ops=ops).eval()
-
-    def to_fake_cuda(t: torch.Tensor) -> torch.Tensor:
-        return torch.empty_strided(t.shape, t.stride(), device="cuda",
-                                   dtype=dtype if t.is_floating_point() else t.dtype)
-
-    with mode:
-        program._apply(to_fake_cuda)
-    return CompiledSTT(program, config=model.config, device=torch.device("cuda", 0), dtype=dtype, backend=ops)
-
-
 # --- the items -----------------------------------------------------------------------------------------
 
 KERNEL_CHECK = r"""
@@ -280,6 +263,8 @@ def item_no_host_sync(device: torch.device, out: Path, config: STTConfig, quick:
         return "no host-device sync in steady-state calls (torch.cuda.set_sync_debug_mode('error')): " + \
             ", ".join(lines)
     from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from .launch_plan import fake_cuda_module
 
     mode = FakeTensorMode()
     for ops in ("torch", "triton"):

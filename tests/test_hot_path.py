@@ -18,7 +18,7 @@ from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTens
 import stt_fast
 from stt_fast import STT, get_config
 from stt_fast.inputs import check_clips
-from stt_fast.selftest import fake_cuda_module
+from stt_fast.launch_plan import fake_cuda_module
 from tests.helpers import clips, trained_looking
 
 PRESETS = ["tiny", "tiny-joint"]

@@ -14,7 +14,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from stt_fast.bounds import attention_work, gpu_spec, roofline
 from stt_fast.config import get_config
-from stt_fast.launch_plan import Launch, _fake_cuda, forward_launches, modelled_microseconds, trace_launches
+from stt_fast.launch_plan import Launch, fake_cuda, forward_launches, modelled_microseconds, trace_launches
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def _trace(build, *shapes, dtype=torch.float16):
     mode = FakeTensorMode()
     module = build()
-    module = _fake_cuda(module, dtype, mode) if isinstance(module, torch.nn.Module) else module
+    module = fake_cuda(module, dtype, mode) if isinstance(module, torch.nn.Module) else module
     with mode:
         inputs = [torch.empty(*s, device="cuda", dtype=dtype) for s in shapes]
     return trace_launches(lambda: module(*inputs), mode)
