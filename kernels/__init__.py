@@ -2,7 +2,11 @@
 
 from .add_layer_norm import add_layer_norm
 from .add_layer_norm_reference import add_layer_norm_reference
+from .cls_attention import cls_attention
+from .cls_attention_reference import cls_attention_reference
 from .contract import MODES, check_attention_inputs
+from .fused_linear import fused_linear
+from .fused_linear_reference import fused_linear_reference
 from .st_attention import HAS_TRITON, SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, st_attention
 from .st_attention_reference import st_attention_reference
 from .st_attention_sdpa import st_attention_sdpa
@@ -15,6 +19,10 @@ __all__ = [
     "add_layer_norm",
     "add_layer_norm_reference",
     "check_attention_inputs",
+    "cls_attention",
+    "cls_attention_reference",
+    "fused_linear",
+    "fused_linear_reference",
     "st_attention",
     "st_attention_reference",
     "st_attention_sdpa",

@@ -1,7 +1,8 @@
 """Ahead-of-time compiles of every kernel for real GPU targets, on a machine without a GPU.
 
 Triton compiles a kernel all the way to a cubin for any NVIDIA target with the ptxas in its wheel; no
-driver is needed. For each kernel (st_attention in each mode, add_layer_norm) x launch candidate x dtype
+driver is needed. For each kernel (st_attention in each mode, fused_linear in the model's three kinds of
+specialisation, cls_attention in each mode, add_layer_norm) x launch candidate x dtype
 x target, at the model's own specialisation (the arguments the launcher would pass, built by the same
 functions it uses), this records what a GPU would otherwise have to tell:
 
@@ -55,15 +56,22 @@ ATTENTION_MODES = ("joint", "spatial", "temporal")
 class Case:
     """One kernel launch to compile: which kernel, which launch configuration, which dtype."""
 
-    kernel: str  # "st_attention" or "add_layer_norm"
-    mode: str  # the attention mode, or "" for add_layer_norm
-    config: LaunchConfig
+    kernel: str  # "st_attention", "fused_linear", "cls_attention" or "add_layer_norm"
+    mode: str  # the attention mode, fused_linear's specialisation (LINEAR_VARIANTS), or ""
+    config: tuple  # LaunchConfig; fused_linear: LinearConfig; cls_attention: LaunchConfig(BLOCK_L, BLOCK_D, warps, 1)
     dtype: str
 
     @property
     def name(self) -> str:
         c = self.config
-        tile = f"{c.block_m}x{c.block_n}" if self.kernel == "st_attention" else f"D{c.block_m}"
+        if self.kernel == "st_attention":
+            tile = f"{c.block_m}x{c.block_n}"
+        elif self.kernel == "fused_linear":
+            tile = f"{c.block_m}x{c.block_n}x{c.block_k}"
+        elif self.kernel == "cls_attention":
+            tile = f"L{c.block_m}xD{c.block_n}"
+        else:
+            tile = f"D{c.block_m}"
         return f"{self.kernel}{'-' + self.mode if self.mode else ''} {tile} w{c.num_warps} s{c.num_stages} {self.dtype}"
 
 
@@ -116,6 +124,71 @@ def layer_norm_cases(config: STTConfig, dtypes: Sequence[str]) -> list[Case]:
     return [Case("add_layer_norm", "", LaunchConfig(block, 0, warps, 1), dtype) for dtype in dtypes]
 
 
+# fused_linear's specialisations in the model, each at the shape it runs at (the heaviest prologue and
+# epilogue of each kind): the LayerNorm prologue with GELU (fc1; qkv and the head differ only in N), the
+# residual epilogue that keeps the cls rows (temporal; proj and fc2 without), the token projection.
+LINEAR_VARIANTS = ("norm-gelu", "residual-cls", "tokens")
+
+
+def linear_cases(config: STTConfig, dtypes: Sequence[str]) -> list[Case]:
+    from .fused_linear_configs import candidate_table
+
+    return [Case("fused_linear", variant, c, dtype) for variant in LINEAR_VARIANTS for dtype in dtypes
+            for c in candidate_table(dtype)]
+
+
+def cls_attention_cases(config: STTConfig, dtypes: Sequence[str]) -> list[Case]:
+    from .cls_attention import launch_shape
+
+    shape = launch_shape(config.embed_dim, config.head_dim)
+    tile = LaunchConfig(shape["BLOCK_L"], shape["BLOCK_D"], shape["num_warps"], 1)
+    return [Case("cls_attention", mode, tile, dtype) for mode in ("spatial", "joint") for dtype in dtypes]
+
+
+def _linear_signature(case: Case, config: STTConfig, dtype: torch.dtype):
+    from .fused_linear import _fused_linear_kernel
+    from .fused_linear import launch_arguments as linear_arguments
+
+    dim, length = config.embed_dim, config.num_tokens
+    hidden = int(dim * config.mlp_ratio)
+    norm = residual = None
+    if case.mode == "tokens":
+        channels = 4 * config.backbone_width
+        a, w, out = torch.empty(length - 1, channels, dtype=dtype), torch.empty(dim, channels, dtype=dtype), None
+        bias = torch.empty(length, dim, dtype=dtype)
+        out = torch.empty(length, dim, dtype=dtype)
+    elif case.mode == "norm-gelu":
+        a, w, bias = torch.empty(length, dim, dtype=dtype), torch.empty(hidden, dim, dtype=dtype), torch.empty(
+            hidden, dtype=dtype)
+        norm, out = torch.empty(dim, dtype=dtype), torch.empty(length, hidden, dtype=dtype)
+    else:
+        a, w, bias = torch.empty(length, dim, dtype=dtype), torch.empty(dim, dim, dtype=dtype), torch.empty(
+            dim, dtype=dtype)
+        residual, out = torch.empty(length, dim, dtype=dtype), torch.empty(length, dim, dtype=dtype)
+    args, kwargs = linear_arguments(a, w, bias, residual, out, norm, None if norm is None else norm.clone(),
+                                    config.layer_norm_eps, gelu=case.mode == "norm-gelu",
+                                    cls_period=length if case.mode == "residual-cls" else 0,
+                                    tokens=length if case.mode == "tokens" else 0)
+    c = case.config
+    kwargs |= dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, num_warps=c.num_warps,
+                   num_stages=c.num_stages)
+    return _fused_linear_kernel, args, kwargs
+
+
+def _cls_signature(case: Case, config: STTConfig, dtype: torch.dtype):
+    from .cls_attention import _cls_attention_kernel
+    from .cls_attention import launch_arguments as cls_arguments
+
+    dim = config.embed_dim
+    x = torch.empty(1, config.num_tokens, dim, dtype=dtype)
+    vector = torch.empty(dim, dtype=dtype)
+    args, kwargs = cls_arguments(x, vector, vector.clone(), config.layer_norm_eps,
+                                 torch.empty(3 * dim, dim, dtype=dtype), torch.empty(3 * dim, dtype=dtype),
+                                 torch.empty(1, dim, dtype=dtype), num_heads=config.num_heads,
+                                 num_frames=config.num_frames, mode=case.mode)
+    return _cls_attention_kernel, args, kwargs
+
+
 def _launch_signature(case: Case, config: STTConfig):
     """(kernel, positional args, keyword args) exactly as the launcher builds them, on CPU tensors of the
     model's shapes (only strides, dtypes and alignment matter to the compiler)."""
@@ -132,6 +205,10 @@ def _launch_signature(case: Case, config: STTConfig):
         c = case.config
         kwargs |= dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, num_warps=c.num_warps, num_stages=c.num_stages)
         return _st_attention_kernel, tensor_arguments(q, k, v, out), kwargs
+    if case.kernel == "fused_linear":
+        return _linear_signature(case, config, dtype)
+    if case.kernel == "cls_attention":
+        return _cls_signature(case, config, dtype)
     from .add_layer_norm import _add_layer_norm_kernel, launch_arguments
 
     rows = torch.empty(config.num_tokens, config.embed_dim, dtype=dtype)
@@ -235,7 +312,8 @@ def run(config: STTConfig, targets: Sequence[str] = tuple(TARGETS), dtypes: Sequ
         raise ValueError(f"unknown targets {unknown}; known: {', '.join(TARGETS)}")
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise ValueError("ahead-of-time compiles need the real Triton compiler: unset TRITON_INTERPRET")
-    cases = attention_cases(config, dtypes) + layer_norm_cases(config, dtypes)
+    cases = (attention_cases(config, dtypes) + linear_cases(config, dtypes) + cls_attention_cases(config, dtypes)
+             + layer_norm_cases(config, dtypes))
     jobs = [(case, target, config.to_json()) for target in targets for case in cases]
     workers = workers or max(1, min(len(jobs), os.cpu_count() or 1))
     # A fresh Triton cache: a cached kernel is not compiled again, and then ptxas reports nothing.
@@ -273,6 +351,9 @@ def problems(f: Facts) -> list[str]:
     if (f.target == "sm_90" and f.case.kernel == "st_attention" and f.case.mode in ("joint", "spatial")
             and f.case.dtype != "fp32" and f.case.config in main_configs(f.case.mode) and not f.wgmma):
         found.append("no wgmma on sm_90 for a main configuration")
+    if (f.target == "sm_90" and f.case.kernel == "fused_linear" and f.case.dtype != "fp32"
+            and f.case.config.block_m >= 64 and not f.wgmma):
+        found.append("no wgmma on sm_90 for a 64-row or larger tile")
     return found
 
 

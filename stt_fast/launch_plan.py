@@ -3,12 +3,13 @@
 A forward is traced on fake CUDA tensors (FakeTensorMode: shapes, dtypes and strides, no data, no GPU) under
 a dispatch mode that records every operator that reaches the device. Each recorded operator that computes
 (not a view, not an allocation, not a metadata query) is one launch; a custom kernel (stt_fast::st_attention,
-stt_fast::add_layer_norm, stt_fast::conv_bias_relu: cuDNN's fused convolution-bias-ReLU) is one launch, and
-so is a matrix product with its cuBLASLt epilogue (aten._addmm_activation); a plain convolution with a bias
-is two, as PyTorch runs it on cuDNN (cuDNN's convolution, then the bias added by a separate kernel). Per
-launch: FLOPs (torch.utils.flop_counter's formulas; the attention kernels' from stt_fast.bounds), bytes
-read (every tensor operand once) and written (every output once). Per GPU type of stt_fast.bounds: the
-roofline time of each launch, max(FLOPs / peak, bytes / bandwidth), plus a per-launch floor.
+stt_fast::fused_linear, stt_fast::cls_attention, stt_fast::add_layer_norm, stt_fast::conv_bias_relu: cuDNN's
+fused convolution-bias-ReLU) is one launch, and so is a matrix product with its cuBLASLt epilogue
+(aten._addmm_activation); a plain convolution with a bias is two, as PyTorch runs it on cuDNN (cuDNN's
+convolution, then the bias added by a separate kernel). Per launch: FLOPs (torch.utils.flop_counter's
+formulas; the custom kernels' from their products and stt_fast.bounds), bytes read (every tensor operand
+once) and written (every output once). Per GPU type of stt_fast.bounds: the roofline time of each launch,
+max(FLOPs / peak, bytes / bandwidth), plus a per-launch floor.
 
 THIS IS A MODEL, NOT A MEASUREMENT. The floor is an assumption (LAUNCH_FLOOR_US), caches are ignored (bytes
 are DRAM traffic as if nothing stayed in L2), and kernels never overlap. What it is for: counting launches and
@@ -62,8 +63,8 @@ class Launch:
 
 
 _KINDS = {"addmm": "gemm", "_addmm_activation": "gemm", "mm": "gemm", "bmm": "gemm", "baddbmm": "gemm",
-          "linear": "gemm", "convolution": "conv", "conv_bias_relu": "conv", "st_attention": "attention",
-          "add_layer_norm": "layer_norm",
+          "linear": "gemm", "fused_linear": "gemm", "convolution": "conv", "conv_bias_relu": "conv",
+          "st_attention": "attention", "cls_attention": "attention", "add_layer_norm": "layer_norm",
           "native_layer_norm": "layer_norm", "_softmax": "reduction", "sum": "reduction", "mean": "reduction",
           "amax": "reduction", "max_pool2d_with_indices": "reduction", "_to_copy": "copy", "copy_": "copy",
           "clone": "copy", "cat": "copy"}
@@ -118,6 +119,13 @@ class _Recorder(TorchDispatchMode):
             batch, length, heads, head_dim = q.shape
             patches = (length - 1) // frames
             return attention_work(mode, batch, frames, patches, heads, head_dim, q.element_size())[0]
+        if name == "fused_linear":  # the product's FLOPs (the prologue and epilogue are not counted)
+            a, weight = args[:2]
+            return 2 * (a.numel() // a.shape[-1]) * weight.shape[0] * weight.shape[1]
+        if name == "cls_attention":  # per clip and head: q, absorbed key, value (3 Dh x D); scores, sums (2 L D)
+            x, heads = args[0], args[6]
+            batch, length, dim = x.shape
+            return 2 * batch * heads * (3 * (dim // heads) * dim + 2 * length * dim)
         if name == "_addmm_activation":  # a matrix product with its epilogue: the product's FLOPs
             return int(flop_registry[torch.ops.aten.addmm](*args[:3], out_val=out))
         if name == "conv_bias_relu":  # a convolution's FLOPs (the bias, add and ReLU are not counted)

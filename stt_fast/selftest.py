@@ -4,10 +4,11 @@ No GPU has run this project's GPU code yet. Whoever has one runs `stt-fast selft
 and sends back the folder it writes (SUMMARY.md first). Items, each passed, failed or skipped with the
 reason:
 
-    kernels        st_attention (every mode x dtype x head dim; whole output, worst row, cls rows) and
-                   add_layer_norm on the device against float64 references, and on a GPU every candidate
-                   of the launch tables forced once at the paper's shape (batch 2, 8 heads); on a CPU,
-                   the small shapes through Triton's interpreter (a subprocess)
+    kernels        st_attention (every mode x dtype x head dim; whole output, worst row, cls rows),
+                   fused_linear (the model's specialisations), cls_attention and add_layer_norm on the
+                   device against float64 references, and on a GPU every candidate of the launch tables
+                   forced once at the paper's shape (batch 2, 8 heads); on a CPU, the small shapes through
+                   Triton's interpreter (a subprocess)
     cuda-graphs    the compiled module with CUDA graphs across batch sizes: logits and the graph cache
     backends       stt_fast.compile with validation, every backend and precision this machine has
     no-host-sync   steady-state calls with torch.cuda.set_sync_debug_mode("error"); on a CPU, the CUDA
@@ -73,7 +74,10 @@ def _model(config: STTConfig, seed: int = 0):
 KERNEL_CHECK = r"""
 import importlib, json, sys, torch
 from stt_fast.accuracy import relative_error, row_relative_errors, tolerance
-from stt_fast.kernels import add_layer_norm, add_layer_norm_reference, st_attention, st_attention_reference
+from stt_fast.kernels import (add_layer_norm, add_layer_norm_reference, cls_attention, cls_attention_reference,
+                              fused_linear_reference, st_attention, st_attention_reference)
+from stt_fast.kernels.fused_linear import _fused_linear
+from stt_fast.kernels.fused_linear_configs import candidate_table as linear_table
 from stt_fast.kernels.st_attention_configs import candidate_table, fitting
 impl = importlib.import_module("stt_fast.kernels.st_attention")
 device = sys.argv[1]
@@ -108,6 +112,52 @@ for dtype in (torch.float16, torch.bfloat16, torch.float32):
     err = max(relative_error(y, y_ref), relative_error(z, z_ref))
     worst[f"add_layer_norm {str(dtype)[6:]}"] = err
     assert err < tolerance(dtype).kernel, f"add_layer_norm {dtype}: relative error {err:.2e}"
+# fused_linear with its model's specialisations (LayerNorm + GELU; residual keeping cls rows; token rows;
+# float32 logits) and cls_attention in both modes; at the paper's shapes when full, misaligned ones always
+rows, dim, hidden = (785, 512, 2048) if full else (37, 48, 72)
+linear_checks = 0
+for dtype in (torch.float16, torch.bfloat16, torch.float32):
+    a = torch.randn(2 * rows, dim, dtype=dtype, device=device) * 2 + 0.3
+    w1, w2 = (torch.randn(n, k, dtype=dtype, device=device) * k ** -0.5 for n, k in ((hidden, dim), (dim, hidden)))
+    b1, b2, g, nb = (torch.randn(n, dtype=dtype, device=device) for n in (hidden, dim, dim, dim))
+    table = torch.randn(rows, dim, dtype=dtype, device=device)
+    patches = torch.randn(2 * (rows - 1), hidden, dtype=dtype, device=device)
+    res = torch.randn(2 * rows, dim, dtype=dtype, device=device)
+    h = torch.randn(2 * rows, hidden, dtype=dtype, device=device)
+    cases = {"norm+gelu": ((a, w1, b1), dict(norm=(g, nb, 1e-6), gelu=True)),
+             "residual cls kept": ((h, w2, b2), dict(residual=res, cls_period=rows)),
+             "tokens": ((patches, w2, table), dict(tokens=rows)),
+             "head float32": ((a, w2.t().contiguous()[:7], b2[:7]), dict(norm=(g, nb, 1e-6), out_dtype=torch.float32))}
+    for name, (args, kwargs) in cases.items():
+        cpu = lambda t: t.cpu().double() if isinstance(t, torch.Tensor) else t
+        kw64 = {k: tuple(map(cpu, v)) if isinstance(v, tuple) else cpu(v) for k, v in kwargs.items()}
+        kw64.pop("out_dtype", None)
+        ref = fused_linear_reference(*map(cpu, args), **kw64)
+        norm = kwargs.get("norm", (None, None, 0.0))
+        configs = linear_table("fp32" if dtype == torch.float32 else "fp16") if full else [None]
+        for config in configs:
+            out = _fused_linear(*args, norm[0], norm[1], norm[2], kwargs.get("gelu", False), kwargs.get("residual"),
+                                kwargs.get("cls_period", 0), kwargs.get("tokens", 0), kwargs.get("out_dtype"),
+                                config=config)
+            err = max(relative_error(out, ref), row_relative_errors(out, ref).max().item() / 2)
+            key = f"fused_linear {name} {str(dtype)[6:]}"
+            worst[key] = max(worst.get(key, 0.0), err)
+            assert err < tolerance(dtype).kernel, (key, config, err)
+            linear_checks += 1
+    t, n, heads = (16, 49, 8) if full else (3, 5, 4)
+    x = torch.randn(2, 1 + t * n, dim if full else 64, dtype=dtype, device=device) * 2 + 0.5
+    d = x.shape[-1]
+    g, nb = torch.rand(d, dtype=dtype, device=device) + 0.5, torch.randn(d, dtype=dtype, device=device) * 0.1
+    wqkv, bqkv = torch.randn(3 * d, d, dtype=dtype, device=device) * d ** -0.5 * 2, torch.randn(3 * d, dtype=dtype,
+                                                                                                 device=device)
+    for mode in ("spatial", "joint"):
+        out = cls_attention(x, g, nb, 1e-6, wqkv, bqkv, num_heads=heads, num_frames=t, mode=mode)
+        ref = cls_attention_reference(*(v.cpu().double() for v in (x, g, nb)), 1e-6, wqkv.cpu().double(),
+                                      bqkv.cpu().double(), num_heads=heads, num_frames=t, mode=mode)
+        err = relative_error(out, ref)
+        worst[f"cls_attention {mode} {str(dtype)[6:]}"] = err
+        assert err < tolerance(dtype).kernel, ("cls_attention", mode, dtype, err)
+        linear_checks += 1
 candidates = 0
 if full:  # every candidate of the launch tables, forced, at the paper's shape (batch 2, 8 heads)
     for dtype, name in ((torch.float16, "fp16"), (torch.float32, "fp32")):
@@ -120,8 +170,7 @@ if full:  # every candidate of the launch tables, forced, at the paper's shape (
                 compare(out, q, k, v, 16, mode, dtype, f"candidate {mode} {name} {tuple(config)}")
                 candidates += 1
 fused = 0
-if device.startswith("cuda"):  # the cuDNN and cuBLASLt fused routes against the unfused ops, in float64
-    import torch.nn.functional as F
+if device.startswith("cuda"):  # the cuDNN fused routes against the unfused ops, in float64
     from stt_fast.compiler.conv_ops import conv_bias_relu, conv_bias_relu_reference
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         x = torch.randn(2, 64, 28, 28, dtype=dtype, device=device).to(memory_format=torch.channels_last)
@@ -136,16 +185,8 @@ if device.startswith("cuda"):  # the cuDNN and cuBLASLt fused routes against the
             worst[key] = err
             assert err < tolerance(dtype).kernel, (key, err)
             fused += 1
-        if dtype != torch.float32:
-            shapes = ((300, 512), (2048, 512), (2048,))
-            rows, weight, bias = (torch.randn(*s, dtype=dtype, device=device) for s in shapes)
-            got = torch._addmm_activation(bias, rows, weight.t(), use_gelu=True)
-            ref = F.gelu(F.linear(*(t.double() for t in (rows, weight, bias))))
-            err = relative_error(got, ref)
-            worst[f"fc1+gelu epilogue {str(dtype)[6:]}"] = err
-            assert err < tolerance(dtype).model, ("fc1+gelu", dtype, err)
-            fused += 1
-print(json.dumps({"checked": checked, "candidates": candidates, "fused_routes": fused, "worst_relative_error": worst}))
+print(json.dumps({"checked": checked, "linear_checks": linear_checks, "candidates": candidates, "fused_routes": fused,
+                  "worst_relative_error": worst}))
 """
 
 
@@ -166,9 +207,10 @@ def item_kernels(device: torch.device, out: Path, config: STTConfig, quick: bool
     worst = max(report["worst_relative_error"].items(), key=lambda kv: kv[1])
     forced = f", every launch-table candidate forced once ({report['candidates']})" if report["candidates"] else ""
     if report.get("fused_routes"):
-        forced += ", the cuDNN conv+bias+ReLU(+add) and cuBLASLt fc1+GELU routes against the unfused ops"
+        forced += ", the cuDNN conv+bias+ReLU(+add) routes against the unfused ops"
     return (f"{report['checked']} st_attention checks (3 modes x fp16/bf16/fp32 x head dims 16-128; whole output, "
-            f"worst row and cls rows) and add_layer_norm {where}{forced}; largest relative error {worst[1]:.1e} "
+            f"worst row and cls rows), {report['linear_checks']} fused_linear and cls_attention checks and "
+            f"add_layer_norm {where}{forced}; largest relative error {worst[1]:.1e} "
             f"({worst[0]})")
 
 

@@ -36,6 +36,8 @@ def kernel_device(monkeypatch):
 
     attention = importlib.import_module("stt_fast.kernels.st_attention")
     layer_norm = importlib.import_module("stt_fast.kernels.add_layer_norm")
+    linear = importlib.import_module("stt_fast.kernels.fused_linear")
+    cls = importlib.import_module("stt_fast.kernels.cls_attention")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu" and not attention.interpreting():
         pytest.fail("the Triton kernels can run here neither on a GPU nor through TRITON_INTERPRET=1")
@@ -45,4 +47,6 @@ def kernel_device(monkeypatch):
 
     monkeypatch.setattr(attention, "st_attention_reference", no_fallback)
     monkeypatch.setattr(layer_norm, "add_layer_norm_reference", no_fallback)
+    monkeypatch.setattr(linear, "fused_linear_reference", no_fallback)
+    monkeypatch.setattr(cls, "cls_attention_reference", no_fallback)
     return device

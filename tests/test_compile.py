@@ -81,7 +81,7 @@ def test_linear_chain_folding_is_exact():
 
 @pytest.mark.parametrize("mode", ["spatial", "joint"])
 def test_absorbed_cls_attention_equals_the_reference_cls_row(mode):
-    from stt_fast.compiler.cls_attention import AbsorbedClsAttention
+    from stt_fast.compiler.cls_attention import absorbed_cls_attention
     from stt_fast.model import STAttention
 
     attn = STAttention(32, 4, mode).double().eval()
@@ -89,7 +89,8 @@ def test_absorbed_cls_attention_equals_the_reference_cls_row(mode):
     h = torch.randn(2, 1 + frames * patches, 32, dtype=torch.float64)
     with torch.no_grad():
         full = attn(h, frames)  # [B, L, D] after proj
-        absorbed = attn.proj(AbsorbedClsAttention(attn.qkv, 4, frames, mode)(h))
+        absorbed = attn.proj(absorbed_cls_attention(h, attn.qkv.weight, attn.qkv.bias, num_heads=4, num_frames=frames,
+                                                    mode=mode))
     torch.testing.assert_close(absorbed, full[:, 0], rtol=1e-10, atol=1e-12)
 
 
@@ -415,10 +416,10 @@ def test_fused_backbone_and_folded_uint8_scale_compute_the_same_function():
 
 def test_the_fused_ops_are_the_triton_op_set_only():
     """The torch fallback and the exported graphs keep PyTorch's standard ops (an ONNX graph cannot hold
-    the project's own op), and the fused GELU epilogue (tanh form) is for half precision only."""
+    the project's own ops)."""
     from stt_fast.compiler.program import STTProgram
 
     model = trained_looking(get_config("tiny"))
     for ops, fused in (("triton", True), ("torch", False), ("export", False), ("export-attention-op", False)):
         program = STTProgram(model, ops=ops)
-        assert program.backbone.fused is fused and program.fold_uint8_scale is fused and program.fused_gelu is fused
+        assert program.backbone.fused is fused and program.fused is fused

@@ -11,6 +11,8 @@ import sys
 
 import pytest
 from stt_fast.kernels.aot import GATE_TARGETS, Case, Facts, check, main_configs, problems
+from stt_fast.kernels.fused_linear_configs import CANDIDATES as LINEAR_FP16
+from stt_fast.kernels.fused_linear_configs import CANDIDATES_FP32 as LINEAR_FP32
 from stt_fast.kernels.st_attention_configs import CANDIDATES, CANDIDATES_FP32, EXCLUDED, candidates
 
 from stt_fast.bounds import GPUS, SHARED_MEMORY_PER_BLOCK, attention_work, gpu_spec, program_bound, roofline
@@ -59,6 +61,18 @@ def test_the_gate_passes_for_every_candidate_the_tables_can_choose(gate):
                         assert facts["tensor_cores"] != "none"
     layer_norm = [c for c in report["compiles"] if c["case"]["kernel"] == "add_layer_norm"]
     assert len(layer_norm) == 2 * len(GATE_TARGETS) and all(c["problems"] == [] for c in layer_norm)
+    linear = [c for c in report["compiles"] if c["case"]["kernel"] == "fused_linear"]
+    assert len(linear) == 3 * (len(LINEAR_FP16) + len(LINEAR_FP32)) * len(GATE_TARGETS)
+    for c in linear:
+        assert c["problems"] == [] and c["spill_stores"] == c["spill_loads"] == 0, c["case"]["name"]
+        if c["case"]["dtype"] == "fp32":
+            assert c["tf32_instructions"] == 0
+        elif c["target"] == "sm_90" and c["case"]["config"][0] >= 64:
+            assert c["wgmma"] > 0, c["case"]["name"]
+        else:
+            assert c["tensor_cores"] != "none", (c["target"], c["case"]["name"])
+    cls = [c for c in report["compiles"] if c["case"]["kernel"] == "cls_attention"]
+    assert len(cls) == 2 * 2 * len(GATE_TARGETS) and all(c["problems"] == [] for c in cls)
 
 
 @pytest.mark.slow
@@ -143,19 +157,23 @@ def test_roofline_bounds():
 @pytest.mark.slow
 def test_batch_and_row_offsets_are_64_bit_in_the_compiled_kernels(tmp_path):
     """b * stride_qb passes 2**31 from batch 1,782 with packed qkv at the paper's shape, row * stride_x of
-    add_layer_norm above 4.19 M rows: the TTIR of an sm_90 compile must form those products in i64.
-    (Mutation: drop the .to(tl.int64) in either kernel and the products are i32.)"""
+    add_layer_norm above 4.19 M rows, fused_linear's rows * K from batch 1,336 (fc2), cls_attention's clip *
+    stride from batch 5,344: the TTIR of an sm_90 compile must form those products in i64.
+    (Mutation: drop the .to(tl.int64) in any kernel and its products are i32.)"""
     script = """
 import re
 from stt_fast.config import get_config
 from stt_fast.kernels import aot
 
 config = get_config("paper")
+products = {"st_attention": ("b", ("q_base", "k_base", "v_base", "o_base")), "add_layer_norm": ("row", ("y",)),
+            "fused_linear": ("rows", ("rows",)), "cls_attention": ("clip", ("x_base",))}
 for case in (aot.Case("st_attention", "spatial", aot.LaunchConfig(64, 64, 4, 1), "fp16"),
              aot.Case("st_attention", "temporal", aot.LaunchConfig(64, 64, 4, 1), "fp16"),
-             aot.layer_norm_cases(config, ["fp16"])[0]):
+             aot.layer_norm_cases(config, ["fp16"])[0], aot.linear_cases(config, ["fp16"])[0],
+             aot.cls_attention_cases(config, ["fp16"])[0]):
     ttir = aot.compile_kernel(case, "sm_90", config).asm["ttir"]
-    index, names = ("b", ("q_base", "k_base", "v_base", "o_base")) if case.kernel == "st_attention" else ("row", ("y",))
+    index, names = products[case.kernel]
     pattern = r"%{}(?:_\\d+)? = arith\\.muli %{}(?:_\\d+)?, .* : (i\\d+)"
     widths = [sorted(set(re.findall(pattern.format(name, index), ttir))) for name in names]
     print(case.kernel, case.mode, widths)
@@ -166,4 +184,5 @@ for case in (aot.Case("st_attention", "spatial", aot.LaunchConfig(64, 64, 4, 1),
     lines = result.stdout.strip().splitlines()
     assert lines == ["st_attention spatial [['i64'], ['i64'], ['i64'], ['i64']]",
                      "st_attention temporal [['i64'], ['i64'], ['i64'], ['i64']]",
-                     "add_layer_norm  [['i64']]"], result.stdout
+                     "add_layer_norm  [['i64']]", "fused_linear norm-gelu [['i64']]",
+                     "cls_attention spatial [['i64']]"], result.stdout

@@ -41,4 +41,9 @@ def conv_bias_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, st
 
 @conv_bias_relu.register_fake
 def _(x, weight, bias, stride, padding, residual=None):
-    return conv_bias_relu_reference(x, weight, bias, stride, padding, residual)
+    out = conv_bias_relu_reference(x, weight, bias, stride, padding, residual)
+    # cuDNN's fused ops write channels_last output for channels_last input and weights (PyTorch asks cuDNN
+    # for the memory format); a CPU-only PyTorch's meta convolution cannot ask and says contiguous, which
+    # would put a copy in the launch plan that no GPU makes
+    channels_last = all(t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) for t in (x, weight))
+    return torch.empty_like(out, memory_format=torch.channels_last) if channels_last else out

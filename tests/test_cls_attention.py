@@ -1,0 +1,67 @@
+"""cls_attention (Triton: on the GPU, else through the interpreter; never its fallback) against the cls
+row of the full attention computed the long way (every token's q, k and v; stt_fast.kernels'
+st_attention_reference), in float64, on misaligned shapes."""
+
+import pytest
+import torch
+from stt_fast.kernels import cls_attention, cls_attention_reference
+
+from stt_fast.accuracy import relative_error, row_relative_errors, tolerance
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _case(device, dt, batch, frames, patches, dim):
+    length = 1 + frames * patches
+    x = (torch.randn(batch, length, dim, device=device) * 2 + 0.5).to(dt)  # un-normalised tokens
+    g = (torch.rand(dim, device=device) + 0.5).to(dt)
+    b = (torch.randn(dim, device=device) * 0.1).to(dt)
+    w = (torch.randn(3 * dim, dim, device=device) * dim**-0.5 * 2).to(dt)
+    bias = torch.randn(3 * dim, device=device).to(dt)
+    return x, g, b, w, bias
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
+@pytest.mark.parametrize("mode", ["spatial", "joint"])
+@pytest.mark.parametrize("frames,patches,dim,heads", [(3, 5, 64, 4), (2, 37, 32, 2)],
+                         ids=["T3-N5-D64-H4", "T2-N37-D32-H2"])
+def test_matches_the_full_attentions_cls_row(kernel_device, dtype, mode, frames, patches, dim, heads):
+    """N = 37 spans more than one token tile per frame (the online softmax across tiles)."""
+    dt = DTYPES[dtype]
+    x, g, b, w, bias = _case(kernel_device, dt, 3, frames, patches, dim)
+    out = cls_attention(x, g, b, 1e-6, w, bias, num_heads=heads, num_frames=frames, mode=mode)
+    ref = cls_attention_reference(*(t.cpu().double() for t in (x, g, b)), 1e-6, w.cpu().double(),
+                                  bias.cpu().double(), num_heads=heads, num_frames=frames, mode=mode)
+    assert out.shape == (3, dim) and out.dtype == dt
+    assert relative_error(out, ref) < tolerance(dt).kernel
+    assert max(row_relative_errors(out, ref)) < tolerance(dt).row
+
+
+def test_the_reference_is_the_models_own_attention():
+    """The reference against the model's STAttention module on normalised tokens (its cls row, before proj)."""
+    from stt_fast.model import STAttention
+
+    for mode in ("spatial", "joint"):
+        attn = STAttention(32, 4, mode).double().eval()
+        x, g, b, _, _ = _case("cpu", torch.float64, 2, 3, 5, 32)
+        h = torch.nn.functional.layer_norm(x, (32,), g, b, 1e-6)
+        with torch.no_grad():
+            full = attn(h, 3)[:, 0]
+            ref = attn.proj(cls_attention_reference(x, g, b, 1e-6, attn.qkv.weight, attn.qkv.bias, num_heads=4,
+                                                    num_frames=3, mode=mode))
+        torch.testing.assert_close(ref, full, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda a: {**a, "mode": "temporal"}, "modes"),
+    (lambda a: {**a, "num_frames": 4}, "1 \\+ num_frames"),
+    (lambda a: {**a, "num_heads": 3}, "heads"),
+    (lambda a: {**a, "qkv_weight": a["qkv_weight"][:-1]}, "qkv_weight"),
+], ids=["temporal-mode", "frames", "heads", "qkv-shape"])
+def test_bad_input_is_named(change, message):
+    x, g, b, w, bias = _case("cpu", torch.float32, 1, 3, 5, 32)
+    args = dict(x=x, norm_weight=g, norm_bias=b, eps=1e-6, qkv_weight=w, qkv_bias=bias, num_heads=4, num_frames=3,
+                mode="spatial")
+    args = change(args)
+    with pytest.raises(ValueError, match=message):
+        cls_attention(**args)
