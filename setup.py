@@ -9,6 +9,7 @@ from setuptools import setup
 PACKAGES = {
     "stt_fast": "stt_fast",
     "stt_fast.compiler": "stt_fast/compiler",
+    "stt_fast.cli": "stt_fast/cli",
     "stt_fast.data": "stt_fast/data",
     "stt_fast.kernels": "kernels",
     "stt_fast.export": "export",

@@ -156,17 +156,24 @@ class STT(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def embed(self, clips: torch.Tensor) -> torch.Tensor:
-        """Float clips [B, T, 3, H, W] -> tokens [B, L, D]."""
-        frames = clips.shape[1]
-        features = self.token_proj(self.backbone(clips.flatten(0, 1)))  # [B*T, D, g, g]
-        patches = features.flatten(2).transpose(1, 2).unflatten(0, (-1, frames))  # [B, T, N, D]
-        patches = patches + self.spatial_pos.unsqueeze(1) + self.temporal_pos.unsqueeze(2)
-        return layout.assemble_tokens(self.cls_token, patches)
+    def frame_features(self, frames: torch.Tensor) -> torch.Tensor:
+        """The per-frame half: float frames [F, 3, H, W] -> backbone features [F, C, g, g]. A frame's
+        features do not depend on the clip it belongs to (the timeline computes each frame's once)."""
+        return self.backbone(frames)
 
-    def forward(self, clips: torch.Tensor) -> torch.Tensor:
-        check_clips(clips, self.config)
-        x = self.embed(clips_to_float(clips, self.cls_token.dtype))
+    def classify_features(self, features: torch.Tensor) -> torch.Tensor:
+        """The per-clip half: features [B, T, C, g, g] of each clip's frames -> logits [B, K] float32."""
+        frames = features.shape[1]
+        tokens = self.token_proj(features.flatten(0, 1))  # [B*T, D, g, g]
+        patches = tokens.flatten(2).transpose(1, 2).unflatten(0, (-1, frames))  # [B, T, N, D]
+        patches = patches + self.spatial_pos.unsqueeze(1) + self.temporal_pos.unsqueeze(2)
+        x = layout.assemble_tokens(self.cls_token, patches)
         for block in self.blocks:
             x = block(x)
         return self.head(self.norm(x[:, 0])).float()
+
+    def forward(self, clips: torch.Tensor) -> torch.Tensor:
+        check_clips(clips, self.config)
+        frames = clips_to_float(clips, self.cls_token.dtype)
+        features = self.frame_features(frames.flatten(0, 1))
+        return self.classify_features(features.unflatten(0, (clips.shape[0], clips.shape[1])))

@@ -73,6 +73,26 @@ class CompiledSTT(nn.Module):
                 return self.graphs(clips)
             return self._infer(clips.to(self.device, non_blocking=True))
 
+    @property
+    def has_halves(self) -> bool:
+        """Whether frame_features / classify_features run here (the torch and triton backends)."""
+        return hasattr(self.program, "frame_features")
+
+    def frame_features(self, frames: torch.Tensor) -> torch.Tensor:
+        """The per-frame half (STTProgram.frame_features): frames [F, 3, H, W] uint8 or float in [0, 1]
+        -> features [F, N, C] on the device. Without CUDA graphs: the timeline calls it on a few frames."""
+        if not self.has_halves:
+            raise NotImplementedError(f"the {self.backend!r} backend runs the whole model only")
+        with torch.no_grad():
+            return self.program.frame_features(frames.to(self.device, non_blocking=True))
+
+    def classify_features(self, features: torch.Tensor) -> torch.Tensor:
+        """The per-clip half: features [B, T*N, C] (from frame_features) -> logits [B, K] float32."""
+        if not self.has_halves:
+            raise NotImplementedError(f"the {self.backend!r} backend runs the whole model only")
+        with torch.no_grad():
+            return self.program.classify_features(features.to(self.device))
+
     def extra_repr(self) -> str:
         return (f"backend={self.backend}, device={self.device}, dtype={self.dtype}, "
                 f"graphs={self.graphs is not None}")

@@ -104,27 +104,36 @@ class STTProgram(nn.Module):
         c = self.config
         return x.unflatten(-1, (parts, c.num_heads, c.head_dim)).unbind(dim=2)
 
-    def embed(self, clips: torch.Tensor) -> torch.Tensor:
-        """clips [B, T, 3, H, W] -> tokens [B, L, D], the residual stream."""
-        c = self.config
-        batch = clips.shape[0]
-        uint8_scale = self.fused and clips.dtype == torch.uint8
+    def frame_features(self, frames: torch.Tensor) -> torch.Tensor:
+        """The per-frame half: frames [F, 3, H, W] (uint8 0-255 or float in [0, 1]) -> backbone features
+        [F, N, C] in token order. A frame's features do not depend on the clip it is in (stt_fast.timeline
+        computes each frame's once for all the windows that hold it)."""
+        uint8_scale = self.fused and frames.dtype == torch.uint8
         if uint8_scale:  # one copy: dtype and memory format at once; the 1/255 is in conv1's weights
-            frames = clips.flatten(0, 1).to(self.dtype, memory_format=(
+            frames = frames.to(self.dtype, memory_format=(
                 torch.channels_last if self.channels_last else torch.contiguous_format))
         else:
-            frames = clips_to_float(clips, self.dtype).flatten(0, 1)
+            frames = clips_to_float(frames, self.dtype)
             if self.channels_last:  # .to, not .contiguous(memory_format): the same copy, and fake CUDA takes it
                 frames = frames.to(memory_format=torch.channels_last)
-        features = self.backbone(frames, uint8_scale=uint8_scale)  # [B*T, C, g, g]
-        # channels_last features are already in token order ([B*T, g, g, C] = [B, T*N, C]): a view
-        features = features.permute(0, 2, 3, 1).reshape(batch, c.num_frames * c.num_patches, -1)
-        return self.ops.embed_tokens(features, self.token_weight, self.token_table, num_frames=c.num_frames)
+        features = self.backbone(frames, uint8_scale=uint8_scale)  # [F, C, g, g]
+        # channels_last features are already in token order ([F, g, g, C] = [F, N, C]): a view
+        return features.permute(0, 2, 3, 1).flatten(1, 2)
+
+    def classify_features(self, features: torch.Tensor) -> torch.Tensor:
+        """The per-clip half: the frame features of B clips [B, T*N, C] -> logits [B, K] float32."""
+        c = self.config
+        x = self.ops.embed_tokens(features, self.token_weight, self.token_table, num_frames=c.num_frames)
+        return self._blocks(x)
 
     def forward(self, clips: torch.Tensor) -> torch.Tensor:
+        features = self.frame_features(clips.flatten(0, 1))
+        return self.classify_features(features.reshape(clips.shape[0], -1, features.shape[-1]))
+
+    def _blocks(self, x: torch.Tensor) -> torch.Tensor:
+        """tokens [B, L, D] -> logits [B, K] float32."""
         c, ops = self.config, self.ops
         frames, length = c.num_frames, c.num_tokens
-        x = self.embed(clips)
         for i, block in enumerate(self.blocks):
             if block.divided:
                 q, k, v = self._heads(ops.linear(x, block.temporal_qkv, norm=block.temporal_norm1), 3)

@@ -137,6 +137,21 @@ def _write_video(path: Path, frames: np.ndarray, fps: int = 25) -> None:
             container.mux(packet)
 
 
+def write_long_video(path: str | os.PathLike, pieces: list[tuple[int, float]], *, fps: int = 25, size: int = 64,
+                     seed: int = 0) -> list[dict]:
+    """A video of synthetic clips back to back: pieces [(class index, seconds)], each one face showing one
+    expression (a new face per piece). Returns [{"start", "end", "label"}] in seconds, the ground truth."""
+    rng = random.Random(seed)
+    truth, chunks, start = [], [], 0.0
+    for label, seconds in pieces:
+        count = max(1, round(seconds * fps))
+        chunks.append(synth_clip(label, count, size, rng))
+        truth.append({"start": start, "end": start + count / fps, "label": EMOTIONS[label]})
+        start += count / fps
+    _write_video(Path(path), np.concatenate(chunks), fps=fps)
+    return truth
+
+
 def write_synthetic_dfew(root: str | os.PathLike, config: SynthConfig = SynthConfig(), progress: bool = True,
                          overwrite: bool = False) -> Path:
     """Write a synthetic data set in the DFEW layout under root and return root.

@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .config import DEFAULT_PRESET, PRESETS
+from stt_fast.config import DEFAULT_PRESET, PRESETS
 
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
                PermissionError, ImportError)  # BadClipError, CheckpointError, ValidationError... are ValueErrors
@@ -114,9 +114,9 @@ def _setup_logging(quiet: bool) -> None:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from .config import get_config
-    from .environment import environment_info
-    from .flops import model_cost, program_flops
+    from stt_fast.config import get_config
+    from stt_fast.environment import environment_info
+    from stt_fast.flops import model_cost, program_flops
 
     config = get_config(args.config)
     cost = model_cost(config)
@@ -794,6 +794,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cpu, cuda or cuda:N (default: cuda when available)")
     _add_quiet(p)
     p.set_defaults(func=_cmd_predict)
+
+    from . import timeline
+
+    timeline.add_parser(sub, backend_args=_add_backend_args, device_type=device_name, positive_int=positive_int,
+                        quiet_args=_add_quiet)
 
     p = sub.add_parser("annotate", help="label every clip of a video collection, resumably, optionally on Ray",
                        description="Label every clip of SOURCE (a folder searched recursively, a DFEW-layout data "
