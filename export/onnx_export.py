@@ -158,8 +158,9 @@ def export_onnx(model: STT, path: str | os.PathLike, *, precision: str = "fp32",
     return Path(path)
 
 
-def load_onnx(path: str | os.PathLike):
-    """The ONNX model at path, checked; ValueError naming the file when it is missing or invalid."""
+def load_onnx(path: str | os.PathLike, io_names: tuple[str, str] = (INPUT_NAME, OUTPUT_NAME)):
+    """The ONNX model at path, checked; ValueError naming the file when it is missing or invalid, or when
+    its input and output are not io_names (the whole model's by default; export/halves.py has others)."""
     import onnx
 
     path = Path(path)
@@ -170,9 +171,9 @@ def load_onnx(path: str | os.PathLike):
         onnx.checker.check_model(model)
     except Exception as e:  # protobuf DecodeError, onnx ValidationError, truncated files
         raise ValueError(f"{path} is not a valid ONNX model (corrupted or truncated?): {e}") from e
-    if [i.name for i in model.graph.input] != [INPUT_NAME] or [o.name for o in model.graph.output] != [OUTPUT_NAME]:
-        raise ValueError(f"{path} is not an stt_fast export: expected input '{INPUT_NAME}' and output "
-                         f"'{OUTPUT_NAME}'")
+    if [i.name for i in model.graph.input] != [io_names[0]] or [o.name for o in model.graph.output] != [io_names[1]]:
+        raise ValueError(f"{path} is not an stt_fast export: expected input '{io_names[0]}' and output "
+                         f"'{io_names[1]}'")
     return model
 
 

@@ -16,6 +16,7 @@ from torch import nn
 from stt_fast.inputs import clips_to_float
 from stt_fast.model import STT
 
+from .halves import ExportedHalves
 from .onnx_cache import program_graph
 from .onnx_export import graph_precision
 from .parity import ort_session, run_session
@@ -31,12 +32,20 @@ def onnxruntime_available() -> bool:
 
 
 class SessionModule(nn.Module):
-    """clips (any dtype the reference takes) -> logits, through one ONNX Runtime session."""
+    """clips (any dtype the reference takes) -> logits, through one ONNX Runtime session; and, for the
+    timeline, the program's two halves through two more (halves.py, exported on first use)."""
 
-    def __init__(self, session, device: torch.device) -> None:
+    def __init__(self, session, device: torch.device, halves=None) -> None:
         super().__init__()
         self.session = session
         self.device = device
+        self.halves = halves
+
+    def frame_features(self, frames: torch.Tensor) -> torch.Tensor:
+        return self.halves.frame_features(frames)
+
+    def classify_features(self, features: torch.Tensor) -> torch.Tensor:
+        return self.halves.classify_features(features).to(self.device)
 
     def forward(self, clips: torch.Tensor) -> torch.Tensor:
         return run_session(self.session, clips_to_float(clips.cpu(), torch.float32)).to(self.device)
@@ -58,5 +67,12 @@ def compile_onnxruntime(model: STT, *, device: torch.device, dtype: torch.dtype,
     else:
         providers = ["CPUExecutionProvider"]
     session = ort_session(program_graph(model, precision, cache_dir), providers)
-    return CompiledSTT(SessionModule(session, device), config=model.config, device=device, dtype=dtype,
+
+    def runner(path):
+        half = ort_session(path, providers)
+        name = half.get_inputs()[0].name
+        return lambda x: half.run(None, {name: x})[0]
+
+    halves = ExportedHalves(model, precision, runner, cache_dir)
+    return CompiledSTT(SessionModule(session, device, halves), config=model.config, device=device, dtype=dtype,
                        backend="onnxruntime")

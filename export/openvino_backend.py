@@ -20,6 +20,7 @@ from torch import nn
 from stt_fast.inputs import clips_to_float
 from stt_fast.model import STT
 
+from .halves import ExportedHalves
 from .onnx_cache import program_graph
 from .onnx_export import graph_precision
 
@@ -34,11 +35,18 @@ class OpenVINOModule(nn.Module):
     """clips (any dtype the reference takes) -> logits, through one compiled OpenVINO model. One infer
     request per thread: a request is not safe to share between threads."""
 
-    def __init__(self, compiled, device: torch.device) -> None:
+    def __init__(self, compiled, device: torch.device, halves=None) -> None:
         super().__init__()
         self.compiled = compiled
         self.device = device
+        self.halves = halves  # the program's two halves for the timeline (halves.py), exported on first use
         self._local = threading.local()
+
+    def frame_features(self, frames: torch.Tensor) -> torch.Tensor:
+        return self.halves.frame_features(frames)
+
+    def classify_features(self, features: torch.Tensor) -> torch.Tensor:
+        return self.halves.classify_features(features).to(self.device)
 
     def forward(self, clips: torch.Tensor) -> torch.Tensor:
         request = getattr(self._local, "request", None)
@@ -62,6 +70,13 @@ def compile_openvino(model: STT, *, device: torch.device, dtype: torch.dtype,
         raise ValueError("backend 'openvino' runs the float32 graph (the CPU has no faster float16 path)")
     import openvino as ov
 
-    compiled = ov.Core().compile_model(str(program_graph(model, precision, cache_dir)), "CPU", CONFIG)
-    return CompiledSTT(OpenVINOModule(compiled, device), config=model.config, device=device, dtype=dtype,
+    core = ov.Core()
+    compiled = core.compile_model(str(program_graph(model, precision, cache_dir)), "CPU", CONFIG)
+
+    def runner(path):
+        half = core.compile_model(str(path), "CPU", CONFIG)
+        return lambda x: half(x)[0]
+
+    halves = ExportedHalves(model, precision, runner, cache_dir)
+    return CompiledSTT(OpenVINOModule(compiled, device, halves), config=model.config, device=device, dtype=dtype,
                        backend="openvino")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from stt_fast.files import atomic_output
 
-from .onnx_export import load_onnx
+from .onnx_export import INPUT_NAME, OUTPUT_NAME, load_onnx
 
 
 @dataclass(frozen=True)
@@ -20,11 +20,13 @@ class SimplifyResult:
     nodes_after: int
 
 
-def simplify_onnx(src: str | os.PathLike, dst: str | os.PathLike) -> SimplifyResult:
-    """Simplify the ONNX file src into dst (atomically). The stt_fast metadata is kept."""
+def simplify_onnx(src: str | os.PathLike, dst: str | os.PathLike,
+                  io_names: tuple[str, str] = (INPUT_NAME, OUTPUT_NAME)) -> SimplifyResult:
+    """Simplify the ONNX file src (input and output named io_names) into dst (atomically). The stt_fast
+    metadata is kept."""
     import onnx
 
-    model = load_onnx(src)
+    model = load_onnx(src, io_names)
     before = len(model.graph.node)
     ours = [(p.key, p.value) for p in model.metadata_props if p.key.startswith("stt_fast.")]
     try:

@@ -252,7 +252,12 @@ def compile_case(case: Case, target: str, config: STTConfig) -> Facts:
 
     capability = TARGETS[target][0]
     facts = Facts(case, target, shared_limit=SHARED_MEMORY_PER_BLOCK[f"{capability // 10}.{capability % 10}"])
-    excluded = EXCLUDED.get((capability // 10, capability % 10), {}).get(case.mode, {})
+    if case.kernel == "fused_linear":
+        from .fused_linear_configs import EXCLUDED as LINEAR_EXCLUDED
+
+        excluded = LINEAR_EXCLUDED.get((capability // 10, capability % 10), {}).get(case.dtype, {})
+    else:
+        excluded = EXCLUDED.get((capability // 10, capability % 10), {}).get(case.mode, {})
     facts.excluded = NOT_A_TRITON_TARGET if capability < 80 else excluded.get(case.config)
     kernel = _launch_signature(case, config)[0]
     log = io.StringIO()

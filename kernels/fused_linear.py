@@ -30,11 +30,12 @@ from __future__ import annotations
 import torch
 from torch._subclasses.fake_tensor import is_fake
 
-from .fused_linear_configs import LinearConfig, candidate_table, fitting
+from .fused_linear_configs import LinearConfig, candidate_table, candidates
 from .fused_linear_reference import fused_linear_reference
 from .st_attention import (
     _DISK_CACHE,
     HAS_TRITON,
+    _capability,
     _dtype_name,
     _log_cpu_fallback_once,
     _untimed,
@@ -123,7 +124,8 @@ if HAS_TRITON:
 
     def _prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
-        allowed = fitting(args["M"], args["N"], args["K"], _dtype_name(args.get("A")))
+        a = args.get("A")
+        allowed = candidates(args["M"], args["N"], args["K"], _capability(a), _linear_dtype(a))
         kept = [c for c in configs if _launch_config(c) in allowed] or configs[-1:]
         return kept[:1] if interpreting() else kept  # the interpreter times nothing: the table's first
 
@@ -136,6 +138,11 @@ if HAS_TRITON:
                 configs=[_config(c) for c in candidate_table(dtype_name)], key=list(AUTOTUNE_KEY),
                 prune_configs_by={"early_config_prune": _prune}, **_DISK_CACHE, **timing)(_fused_linear_kernel)
         return _TUNED[dtype_name]
+
+
+def _linear_dtype(t) -> str:
+    """The dtype's name as the exclusions know it: "fp32", "bf16" or "fp16"."""
+    return {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(getattr(t, "dtype", None), "fp16")
 
 
 def _launch_config(config) -> LinearConfig:

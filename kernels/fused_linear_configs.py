@@ -43,6 +43,16 @@ CANDIDATES_FP32: list[LinearConfig] = [
 ]
 
 
+# Per-architecture exclusions: (major, minor) -> dtype -> {config: why}, never timed there. Evidence: the
+# ahead-of-time matrix (benchmarks/results/kernels-aot/), whose gate re-checks what is left in.
+_BF16_PROLOGUE_SPILLS = "spills with the LayerNorm prologue in bf16 (tens of bytes; the AOT matrix, Triton 3.9)"
+EXCLUDED: dict[tuple[int, int], dict[str, dict[LinearConfig, str]]] = {
+    capability: {"bf16": {LinearConfig(128, 128, 64, 8, 3): _BF16_PROLOGUE_SPILLS,
+                          LinearConfig(64, 128, 64, 4, 3): _BF16_PROLOGUE_SPILLS}}
+    for capability in ((8, 0), (8, 6), (8, 7), (8, 9))
+}
+
+
 def candidate_table(dtype_name: str) -> list[LinearConfig]:
     """The candidates for a dtype ("fp16", "bf16" or "fp32")."""
     return CANDIDATES_FP32 if dtype_name == "fp32" else CANDIDATES
@@ -58,3 +68,12 @@ def fitting(m: int, n: int, k: int, dtype_name: str = "fp16") -> list[LinearConf
     table = candidate_table(dtype_name)
     fits = [c for c in table if c.block_m <= _fit(m) and c.block_n <= _fit(n) and c.block_k <= _fit(k)]
     return fits or [min(table, key=lambda c: (c.block_m, c.block_n, c.block_k))]
+
+
+def candidates(m: int, n: int, k: int, capability: tuple[int, int] | None,
+               dtype_name: str = "fp16") -> list[LinearConfig]:
+    """What the autotuner times on a GPU of this compute capability (None: the interpreter): the fitting
+    candidates less those excluded for the target and dtype."""
+    excluded = EXCLUDED.get(capability, {}).get(dtype_name, {}) if capability else {}
+    fits = fitting(m, n, k, dtype_name)
+    return [c for c in fits if c not in excluded] or fits[:1]

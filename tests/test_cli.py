@@ -424,6 +424,8 @@ def _command_runs(tmp: Path, synth_root: Path, checkpoint: Path) -> dict[str, li
         "annotate": ["annotate", str(synth_root), "--checkpoint", str(checkpoint), "-o", str(tmp / "annotated"),
                      "--device", "cpu", "--quiet"],
         "cache": ["cache", "list"],
+        "timeline": ["timeline", clip, "--checkpoint", str(checkpoint), "--device", "cpu", "--window", "0.5",
+                     "--stride", "0.25", "--plot", str(tmp / "timeline.png"), "--quiet"],
     }
 
 

@@ -39,7 +39,7 @@ def _run(model, frames, fps=25.0, **kwargs):
     return timeline
 
 
-@pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "torch", "triton", "onnxruntime", "openvino"])
 def test_cached_windows_equal_windows_from_scratch(backend):
     """The same logits with each frame's features computed once and with every window through the whole
     model; and (60 frames) 10 grid frames through the backbone instead of 7 windows x 4."""
@@ -229,3 +229,114 @@ def test_cli_a_video_shorter_than_one_window(video_and_checkpoint, tmp_path):
     result = _cli("timeline", video_and_checkpoint[0], "--checkpoint", video_and_checkpoint[1], "--window", "10",
                   "--stride", "1", cwd=tmp_path)
     assert result.returncode == 2 and "shorter than one window" in result.stderr
+
+
+@pytest.fixture(scope="module")
+def two_class_model():
+    """A tiny STT trained for a few dozen steps on synthetic Happy and Surprise clips of 4 frames."""
+    import random
+
+    from stt_fast import STT
+    from stt_fast.data.synthetic import synth_clip
+    from stt_fast.data.transforms import resize
+
+    torch.manual_seed(0)
+    rng = random.Random(0)
+    model = STT(TINY)
+    optimiser = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
+
+    def batch(n):
+        labels = [rng.choice((0, 4)) for _ in range(n)]
+        clips = [resize(torch.from_numpy(synth_clip(c, 4, 64, rng)).permute(0, 3, 1, 2), 64) for c in labels]
+        return torch.stack(clips), torch.tensor(labels)
+
+    for _ in range(70):
+        x, y = batch(16)
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    model.eval()
+    x, y = batch(48)
+    with torch.no_grad():
+        accuracy = (model(x).argmax(-1) == y).float().mean().item()
+    assert accuracy > 0.9, f"the two-class model did not learn ({accuracy:.2f} on held-out clips)"
+    return model
+
+
+@pytest.mark.slow
+def test_a_trained_model_finds_the_changes_and_agrees_with_predict(two_class_model, tmp_path):
+    """A recording of Happy, Surprise, Happy (3 s each, one face per piece): three segments with those labels,
+    each change found within one stride, and each segment's label what `predict` says of its piece."""
+    from PIL import Image
+
+    from stt_fast.data.stream import open_source
+    from stt_fast.predict import predict_paths
+    from stt_fast.predictors import Predictor
+
+    truth = write_long_video(tmp_path / "long.mp4", [(0, 3.0), (4, 3.0), (0, 3.0)], fps=20, seed=3)
+    frames, _ = open_source(tmp_path / "long.mp4")
+    frames = list(frames)
+    timeline = Timeline(two_class_model, window=1.0, stride=0.5)
+    for frame, stamp in frames:
+        timeline.push(frame, stamp)
+    found = segments(timeline.results)
+    assert [s.label for s in found] == [piece["label"] for piece in truth]
+    for segment, piece in zip(found[1:], truth[1:]):
+        assert abs(segment.start - piece["start"]) <= timeline.stride, (segment, piece)
+    folders = []
+    for i, piece in enumerate(truth):  # each piece's own frames, as a folder predict reads
+        folder = tmp_path / f"piece{i}"
+        folder.mkdir()
+        for j, (frame, stamp) in enumerate(frames):
+            if piece["start"] <= stamp < piece["end"]:
+                Image.fromarray(frame).save(folder / f"{j:05d}.png")
+        folders.append(folder)
+    predictor = Predictor("reference", TINY, two_class_model)
+    predicted = [r["label"] for r in predict_paths(folders, predictor)]
+    assert predicted == [s.label for s in found]
+
+
+class SlowColourModel(ColourModel):
+    def classify_features(self, features):
+        time.sleep(0.15)  # a window takes longer than the stride's frames take to arrive
+        return super().classify_features(features)
+
+
+def test_a_live_source_with_a_slow_model_drops_frames_and_completes_the_windows_it_runs():
+    """A file read at its frame rate (100 fps, 3 s) into the bounded reader, a model taking 150 ms a window
+    with 5 new frames (50 ms of source) per window: frames are dropped, the buffer stays within its
+    capacity, and every window that ran is complete (label, probabilities, latency)."""
+    frames = [(frame, i / 100) for i, frame in enumerate(_coloured(lambda t: int(t) % 3, 3.0, fps=100))]
+    timeline = Timeline(SlowColourModel(), window=1.0, stride=0.05, clock=time.monotonic)
+    reader = LiveReader(iter(frames), capacity=2 * timeline.stride_steps, pace=True)
+    peak = 0
+    for frame, stamp in reader:
+        peak = max(peak, len(reader.buffer))
+        timeline.push(frame, stamp)
+    assert reader.dropped > 100 and peak <= reader.capacity
+    assert timeline.results and all(r.label is not None and r.probabilities for r in timeline.results)
+    assert all(r.latency >= 0.15 for r in timeline.results)
+
+
+def test_cli_realtime_stops_cleanly_on_ctrl_c_and_keeps_what_was_done(video_and_checkpoint, tmp_path):
+    import signal
+
+    long = tmp_path / "long.mp4"
+    write_long_video(long, [(0, 20.0)], fps=20, size=64)
+    env = {k: v for k, v in os.environ.items() if k != "STT_FAST_DEBUG"}
+    process = subprocess.Popen([str(ENTRY_POINT), "timeline", str(long), "--checkpoint", str(video_and_checkpoint[1]),
+                                "--window", "1", "--stride", "0.25", "--realtime", "--csv", "w.csv"],
+                               cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "w.csv").exists() and process.poll() is None and time.monotonic() < deadline:
+        line = process.stdout.readline()  # the first window printed: the run is under way
+        if line.strip():
+            break
+    time.sleep(1.0)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err
+    assert "interrupted; what was done is written" in err and "Traceback" not in err
+    rows = (tmp_path / "w.csv").read_text().splitlines()
+    assert len(rows) >= 2, "the windows before Ctrl-C are in the CSV"

@@ -108,8 +108,9 @@ def _face_frame(size: int, t: float, face: dict, expression: dict[str, float], r
     return np.clip(pixels + noise, 0, 255).astype(np.uint8)
 
 
-def synth_clip(label: int, num_frames: int, size: int, rng: random.Random) -> np.ndarray:
-    """uint8 [T, H, W, 3] frames of one synthetic clip of class `label`."""
+def synth_clip(label: int, num_frames: int, size: int, rng: random.Random, held: bool = False) -> np.ndarray:
+    """uint8 [T, H, W, 3] frames of one synthetic clip of class `label`; held: the expression at its apex
+    from the first frame (no onset), as in a long recording that cuts from one expression to the next."""
     face = {
         "cx": rng.uniform(0.44, 0.56), "cy": rng.uniform(0.46, 0.54), "r": rng.uniform(0.32, 0.38),
         "skin": tuple(int(c) for c in np.clip(np.array([224, 172, 140]) * rng.uniform(0.55, 1.1), 0, 255)),
@@ -117,6 +118,8 @@ def synth_clip(label: int, num_frames: int, size: int, rng: random.Random) -> np
         "onset": rng.uniform(0.0, 0.35), "rise": rng.uniform(0.25, 0.5), "amplitude": rng.uniform(0.75, 1.0),
         "phase": rng.random(),
     }
+    if held:
+        face["onset"], face["rise"] = -1.0, 0.5
     expression = EXPRESSIONS[EMOTIONS[label]]
     times = [i / max(num_frames - 1, 1) for i in range(num_frames)]
     return np.stack([_face_frame(size, t, face, expression, rng) for t in times])
@@ -138,14 +141,15 @@ def _write_video(path: Path, frames: np.ndarray, fps: int = 25) -> None:
 
 
 def write_long_video(path: str | os.PathLike, pieces: list[tuple[int, float]], *, fps: int = 25, size: int = 64,
-                     seed: int = 0) -> list[dict]:
+                     seed: int = 0, held: bool = True) -> list[dict]:
     """A video of synthetic clips back to back: pieces [(class index, seconds)], each one face showing one
-    expression (a new face per piece). Returns [{"start", "end", "label"}] in seconds, the ground truth."""
+    expression (a new face per piece; held: at its apex throughout). Returns [{"start", "end", "label"}] in
+    seconds, the ground truth."""
     rng = random.Random(seed)
     truth, chunks, start = [], [], 0.0
     for label, seconds in pieces:
         count = max(1, round(seconds * fps))
-        chunks.append(synth_clip(label, count, size, rng))
+        chunks.append(synth_clip(label, count, size, rng, held=held))
         truth.append({"start": start, "end": start + count / fps, "label": EMOTIONS[label]})
         start += count / fps
     _write_video(Path(path), np.concatenate(chunks), fps=fps)
