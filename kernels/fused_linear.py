@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 from torch._subclasses.fake_tensor import is_fake
 
+from .add_layer_norm import _rows
 from .fused_linear_configs import LinearConfig, candidate_table, candidates
 from .fused_linear_reference import fused_linear_reference
 from .st_attention import (
@@ -156,16 +157,6 @@ def m_bucket(rows: int) -> int:
     return 1 << max(0, (rows - 1).bit_length())
 
 
-def _rows(t: torch.Tensor, name: str) -> torch.Tensor:
-    """[..., C] -> [R, C] view; ValueError if that needs a copy (the last dim must be contiguous)."""
-    if t.stride(-1) != 1:
-        raise ValueError(f"{name} must have a contiguous last dimension")
-    try:
-        return t.view(-1, t.shape[-1])
-    except RuntimeError:
-        raise ValueError(f"{name} must be viewable as [rows, {t.shape[-1]}] (rows evenly strided)") from None
-
-
 def _check(a, weight, bias, norm, residual, cls_period, tokens, out_dtype) -> tuple[int, int, tuple[int, ...]]:
     """The arguments' contract; returns (rows of the output, N, the output's shape)."""
     if a.dim() < 2 or weight.dim() != 2 or weight.shape[1] != a.shape[-1]:
@@ -212,9 +203,9 @@ def fused_linear(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     (tokens: [B * P, N]) in out_dtype (default a's). Runs the Triton kernel on CUDA and through the
     interpreter on the CPU (TRITON_INTERPRET=1), otherwise fused_linear_reference. Bad input: ValueError.
     """
-    _check(a, weight, bias, norm, residual, cls_period, tokens, out_dtype)
     norm_weight, norm_bias, eps = norm if norm is not None else (None, None, 0.0)
     if torch.compiler.is_compiling() or is_fake(a):
+        _check(a, weight, bias, norm, residual, cls_period, tokens, out_dtype)  # the op's fake does not check
         return torch.ops.stt_fast.fused_linear(a, weight, bias, norm_weight, norm_bias, float(eps), gelu, residual,
                                                int(cls_period), int(tokens), out_dtype)
     return _fused_linear(a, weight, bias, norm_weight, norm_bias, eps, gelu, residual, cls_period, tokens, out_dtype)
