@@ -43,6 +43,9 @@ SIDECAR_SUFFIX = ".json"
 LAYERS_SUFFIX = ".layers.json"
 INPUT_NAME = "clips"
 OUTPUT_NAME = "logits"
+# The graphs an stt_fast engine is built from: the whole model, and its two halves for the timeline
+# (per-frame features, per-window classification). Each: (input name, output name).
+GRAPHS = {"whole": (INPUT_NAME, OUTPUT_NAME), "frames": ("frames", "features"), "windows": ("features", "logits")}
 HARDWARE_LEVELS = ("none", "ampere_plus", "same_compute_capability")
 INPUT_DTYPES = ("float32", "uint8")
 # Integrated GPUs of Jetson modules (Xavier, Orin, Thor): TensorRT's hardware compatibility is not
@@ -83,6 +86,24 @@ def current_platform() -> dict[str, str]:
     return {"os": platform.system(), "machine": platform.machine()}
 
 
+def declared_io(onnx_meta: dict[str, str]) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """(graph, input, output) of an stt_fast ONNX file from its metadata: the graph's kind (GRAPHS) and its
+    I/O tensors as {name, dtype, shape [-1, ...]}. The whole model's are derived from its config; the
+    halves' are recorded at export (stt_fast.io), since their feature shapes depend on the backbone."""
+    if "stt_fast.config" not in onnx_meta:
+        raise ValueError("the ONNX file carries no stt_fast config: not exported by stt_fast")
+    graph = onnx_meta.get("stt_fast.graph", "whole")
+    if graph not in GRAPHS:
+        raise ValueError(f"unknown stt_fast graph {graph!r}; expected one of {sorted(GRAPHS)}")
+    if graph != "whole":
+        io = json.loads(onnx_meta["stt_fast.io"])
+        return graph, io["input"], io["output"]
+    config = json.loads(onnx_meta["stt_fast.config"])
+    shape = [config["num_frames"], 3, config["image_size"], config["image_size"]]
+    clips = {"name": INPUT_NAME, "dtype": onnx_meta.get("stt_fast.input_dtype", "float32"), "shape": [-1, *shape]}
+    return (graph, clips, {"name": OUTPUT_NAME, "dtype": "float32", "shape": [-1, config["num_classes"]]})
+
+
 def make_sidecar(*, engine_bytes: bytes, onnx_meta: dict[str, str], onnx_file: str, onnx_sha256: str,
                  tensorrt_version: str, gpu: dict[str, str], batch: tuple[int, int, int],
                  version_compatible: bool = False, hardware_compatibility: str = "none",
@@ -91,19 +112,20 @@ def make_sidecar(*, engine_bytes: bytes, onnx_meta: dict[str, str], onnx_file: s
     if "stt_fast.config" not in onnx_meta:
         raise ValueError(f"{onnx_file} carries no stt_fast config: not exported by stt_fast")
     config = json.loads(onnx_meta["stt_fast.config"])
-    shape = [config["num_frames"], 3, config["image_size"], config["image_size"]]
+    graph, inputs, outputs = declared_io(onnx_meta)
     return {
         "format": SIDECAR_FORMAT,
         "stt_fast_version": onnx_meta.get("stt_fast.version"),
+        "graph": graph,
         "tensorrt_version": tensorrt_version,
         "gpu": gpu,
         "platform": current_platform(),
         "version_compatible": version_compatible,
         "hardware_compatibility": hardware_compatibility,
         "precision": onnx_meta.get("stt_fast.precision", "fp32"),
-        "input": {"name": INPUT_NAME, "dtype": onnx_meta.get("stt_fast.input_dtype", "float32"), "shape": [-1, *shape]},
-        "output": {"name": OUTPUT_NAME, "dtype": "float32", "shape": [-1, config["num_classes"]]},
-        "labels": LABELS if config["num_classes"] == len(LABELS) else None,
+        "input": inputs,
+        "output": outputs,
+        "labels": LABELS if config["num_classes"] == len(LABELS) and outputs["name"] == OUTPUT_NAME else None,
         "profile": {"min": batch[0], "opt": batch[1], "max": batch[2]},
         "config": config,
         "onnx": {"file": onnx_file, "sha256": onnx_sha256, "opset": onnx_meta.get("stt_fast.opset"),
@@ -245,55 +267,98 @@ def describe_engine(engine) -> list[dict[str, Any]]:
 class EngineIO(NamedTuple):
     """What the runner needs from an engine, read from the engine itself."""
 
-    input_dtype: str  # "float32" or "uint8"
-    num_classes: int
+    input_name: str
+    input_dtype: str  # "float32" or "uint8" (clips, frames); "float32" or "float16" (features)
+    output_name: str
+    output_dtype: str
+    output_shape: tuple[int, ...]  # one row's
     min_batch: int
     opt_batch: int
     max_batch: int
 
+    @property
+    def pixels(self) -> bool:
+        """Whether the input is pixels (clips or frames: uint8 and float in [0, 1] rescaled to each other)."""
+        return self.input_name != GRAPHS["windows"][0]
+
+
+def expected_io(sidecar: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The (input, output) an engine with this sidecar must have: name, the dtypes an stt_fast engine of
+    that graph may take and the one the sidecar names (None: any of them), one row's shape.
+    The whole model's input may be float32 or uint8 (the sidecar may name which) and its shapes follow the
+    sidecar's config; the halves' are exactly those the sidecar recorded from their ONNX files."""
+    graph = sidecar.get("graph", "whole")
+    if graph not in GRAPHS:
+        raise EngineCompatibilityError(f"sidecar names graph {graph!r}; an stt_fast engine is one of {sorted(GRAPHS)}")
+    if graph != "whole":
+        inputs, outputs = sidecar["input"], sidecar["output"]
+        return ({"name": inputs["name"], "dtypes": (inputs["dtype"],), "shape": list(inputs["shape"][1:])},
+                {"name": outputs["name"], "dtypes": (outputs["dtype"],), "shape": list(outputs["shape"][1:])})
+    config = sidecar.get("config") or {}
+    return ({"name": INPUT_NAME, "dtypes": INPUT_DTYPES, "named": (sidecar.get("input") or {}).get("dtype"),
+             "shape": [config.get("num_frames"), 3, config.get("image_size"), config.get("image_size")]},
+            {"name": OUTPUT_NAME, "dtypes": ("float32",), "shape": [config.get("num_classes")]})
+
 
 def engine_io(tensors: list[dict[str, Any]], sidecar: dict[str, Any]) -> EngineIO:
-    """Check the engine's own I/O description (describe_engine) against what an stt_fast engine must be
-    and against its sidecar; EngineCompatibilityError names the first difference."""
-    problems = []
+    """Check the engine's own I/O description (describe_engine) against what an stt_fast engine of the
+    sidecar's graph must be and against the sidecar; EngineCompatibilityError names the first difference."""
+    want_in, want_out = expected_io(sidecar)
     names = {t["name"]: t for t in tensors}
-    if sorted(names) != sorted([INPUT_NAME, OUTPUT_NAME]):
+    if sorted(names) != sorted([want_in["name"], want_out["name"]]):
         raise EngineCompatibilityError(f"engine has I/O tensors {sorted(names)}, an stt_fast engine has exactly "
-                                       f"'{INPUT_NAME}' (input) and '{OUTPUT_NAME}' (output)")
-    clips, logits = names[INPUT_NAME], names[OUTPUT_NAME]
-    if clips["mode"] != "INPUT" or logits["mode"] != "OUTPUT":
-        problems.append(f"'{INPUT_NAME}' is {clips['mode']} and '{OUTPUT_NAME}' is {logits['mode']}")
-    if clips["dtype"] not in INPUT_DTYPES:
-        problems.append(f"input dtype {clips['dtype']} is not one of {INPUT_DTYPES}")
-    if logits["dtype"] != "float32":
-        problems.append(f"output dtype {logits['dtype']} is not float32")
-    config = sidecar.get("config") or {}
-    expected_input = [config.get("num_frames"), 3, config.get("image_size"), config.get("image_size")]
-    if clips["shape"][1:] != expected_input:
-        problems.append(f"input shape {clips['shape']} is not [-1, {', '.join(map(str, expected_input))}] "
-                        "(the sidecar's config)")
-    if logits["shape"][1:] != [config.get("num_classes")]:
-        problems.append(f"output shape {logits['shape']} is not [-1, {config.get('num_classes')}]")
-    profile = clips.get("profile") or [[0], [0], [0]]
+                                       f"'{want_in['name']}' (input) and '{want_out['name']}' (output)")
+    got_in, got_out = names[want_in["name"]], names[want_out["name"]]
+    problems = []
+    if got_in["mode"] != "INPUT" or got_out["mode"] != "OUTPUT":
+        problems.append(f"'{got_in['name']}' is {got_in['mode']} and '{got_out['name']}' is {got_out['mode']}")
+    for role, got, want in (("input", got_in, want_in), ("output", got_out, want_out)):
+        if got["dtype"] not in want["dtypes"]:
+            problems.append(f"{role} dtype {got['dtype']} is not one of {tuple(want['dtypes'])}")
+        elif want.get("named") not in (None, got["dtype"]):
+            problems.append(f"{role} dtype {got['dtype']} differs from the sidecar's {want['named']}")
+        if got["shape"][1:] != want["shape"]:
+            problems.append(f"{role} shape {got['shape']} is not [-1, {', '.join(map(str, want['shape']))}] "
+                            "(the sidecar's)")
+    profile = got_in.get("profile") or [[0], [0], [0]]
     batch = [int(shape[0]) for shape in profile]
     side = sidecar.get("profile") or {}
     if [side.get("min"), side.get("opt"), side.get("max")] != batch:
         problems.append(f"profile batch {batch[0]}:{batch[1]}:{batch[2]} differs from the sidecar's "
                         f"{side.get('min')}:{side.get('opt')}:{side.get('max')}")
-    if sidecar.get("input", {}).get("dtype") not in (None, clips["dtype"]):
-        problems.append(f"input dtype {clips['dtype']} differs from the sidecar's {sidecar['input']['dtype']}")
     if problems:
         raise EngineCompatibilityError("engine and sidecar disagree: " + "; ".join(problems))
-    return EngineIO(clips["dtype"], int(logits["shape"][-1]), *batch)
+    return EngineIO(got_in["name"], got_in["dtype"], got_out["name"], got_out["dtype"],
+                    tuple(int(d) for d in got_out["shape"][1:]), *batch)
 
 
 # --- clips in, in the engine's dtype and profile ------------------------------------------------------------
 
-def engine_input(clips, input_dtype: str):
-    """clips (numpy array or torch tensor, [B, T, 3, H, W]) in the engine's input dtype, rescaled:
-    a uint8 engine takes round(x * 255) of float clips in [0, 1]; a float32 engine takes uint8 clips
-    / 255. Float clips to a float engine and uint8 to a uint8 engine pass as they are (other float
-    widths become float32); any other dtype is refused."""
+FEATURE_DTYPES = ("float32", "float16")
+
+
+def engine_input(clips, input_dtype: str, *, pixels: bool = True):
+    """clips (numpy array or torch tensor, [B, T, 3, H, W]; frames [F, 3, H, W] alike) in the engine's input
+    dtype, rescaled: a uint8 engine takes round(x * 255) of float clips in [0, 1]; a float32 engine takes
+    uint8 clips / 255. Float clips to a float engine and uint8 to a uint8 engine pass as they are (other
+    float widths become float32); any other dtype is refused.
+    pixels=False (the windows half's features [B, T*N, C]): floating point cast to the engine's float32 or
+    float16, never rescaled."""
+    if not pixels:
+        if input_dtype not in FEATURE_DTYPES:
+            raise ValueError(f"a features engine takes one of {FEATURE_DTYPES}, not {input_dtype!r}")
+        if type(clips).__module__.startswith("torch"):
+            if not clips.is_floating_point():
+                raise ValueError(f"features must be floating point, got {clips.dtype}")
+            import torch
+
+            return clips.to(getattr(torch, input_dtype))
+        import numpy as np
+
+        clips = np.asarray(clips)
+        if not np.issubdtype(clips.dtype, np.floating):
+            raise ValueError(f"features must be floating point, got {clips.dtype}")
+        return clips.astype(input_dtype, copy=False)
     if input_dtype not in INPUT_DTYPES:
         raise ValueError(f"engine input dtype must be one of {INPUT_DTYPES}, got {input_dtype!r}")
     if type(clips).__module__.startswith("torch"):
@@ -356,11 +421,11 @@ def run_in_chunks(clips, io: EngineIO, run_chunk: Callable, concat: Callable):
 
 def _enqueue(context, shape, input_address: int, output_address: int, stream: int, io: EngineIO) -> None:
     """Bind one call's shapes and addresses and enqueue it; every TensorRT refusal raises, naming why."""
-    if not context.set_input_shape(INPUT_NAME, tuple(shape)):
+    if not context.set_input_shape(io.input_name, tuple(shape)):
         raise RuntimeError(f"TensorRT refused input shape {tuple(shape)}: the engine's profile takes batch "
                            f"{io.min_batch} to {io.max_batch}")
-    context.set_tensor_address(INPUT_NAME, input_address)
-    context.set_tensor_address(OUTPUT_NAME, output_address)
+    context.set_tensor_address(io.input_name, input_address)
+    context.set_tensor_address(io.output_name, output_address)
     if not context.execute_async_v3(stream):
         raise RuntimeError("TensorRT execution failed (execute_async_v3 returned False; see its log above)")
 
@@ -404,7 +469,8 @@ class _TorchBuffers:
     def run(self, context, clips, io: EngineIO):
         torch = self.torch
         clips = torch.as_tensor(clips).to(self.device).contiguous()
-        out = torch.empty((clips.shape[0], io.num_classes), dtype=torch.float32, device=self.device)
+        out = torch.empty((clips.shape[0], *io.output_shape), dtype=getattr(torch, io.output_dtype),
+                          device=self.device)
         _enqueue(context, clips.shape, clips.data_ptr(), out.data_ptr(),
                  torch.cuda.current_stream(self.device).cuda_stream, io)
         return out
@@ -442,11 +508,11 @@ class _PyCudaBuffers:
 
     def run(self, context, clips, io: EngineIO):
         np, cuda = self.np, self.cuda
-        out_shape = (clips.shape[0], io.num_classes)
-        out_bytes = int(np.prod(out_shape)) * 4
+        out_shape, out_dtype = (clips.shape[0], *io.output_shape), np.dtype(io.output_dtype)
+        out_bytes = int(np.prod(out_shape)) * out_dtype.itemsize
         host_in = self._host[0].ensure(clips.nbytes)[:clips.nbytes].view(clips.dtype).reshape(clips.shape)
         host_in[...] = clips  # page-locked, so that the copy below is asynchronous
-        host_out = self._host[1].ensure(out_bytes)[:out_bytes].view(np.float32).reshape(out_shape)
+        host_out = self._host[1].ensure(out_bytes)[:out_bytes].view(out_dtype).reshape(out_shape)
         d_in, d_out = self._device[0].ensure(clips.nbytes), self._device[1].ensure(out_bytes)
         cuda.memcpy_htod_async(d_in, host_in, self.stream)
         _enqueue(context, clips.shape, int(d_in), int(d_out), self.stream.handle, io)
@@ -505,10 +571,10 @@ class _CudaRuntimeBuffers:
 
     def run(self, context, clips, io: EngineIO):
         np, cudart = self.np, self.cudart
-        out_shape = (clips.shape[0], io.num_classes)
+        out_shape = (clips.shape[0], *io.output_shape)
         host_in = self._host_array(self._host[0], clips.shape, clips.dtype)
         host_in[...] = clips  # page-locked, so that the copies below are asynchronous
-        host_out = self._host_array(self._host[1], out_shape, np.float32)
+        host_out = self._host_array(self._host[1], out_shape, np.dtype(io.output_dtype))
         d_in, d_out = self._device[0].ensure(host_in.nbytes), self._device[1].ensure(host_out.nbytes)
         kind = cudart.cudaMemcpyKind
         _cuda_check(cudart.cudaMemcpyAsync(d_in, host_in.ctypes.data, host_in.nbytes,
@@ -576,7 +642,8 @@ def deserialize(trt, engine_bytes: bytes, *, host_code_allowed: bool):
 
 
 class EngineRunner:
-    """Load a checked engine and run it: clips [B, T, 3, H, W] -> logits [B, K] float32.
+    """Load a checked engine and run it: clips [B, T, 3, H, W] -> logits [B, K] float32 (and for the
+    timeline's two halves: frames [F, 3, H, W] -> features [F, N, C]; features [B, T*N, C] -> logits).
 
     buffers="torch": inputs are anything torch.as_tensor takes, logits a CUDA tensor.
     buffers="cuda-python" or "pycuda": inputs are numpy arrays, logits a numpy array (no PyTorch).
@@ -628,7 +695,7 @@ class EngineRunner:
         return self.io.max_batch
 
     def __call__(self, clips):
-        clips = engine_input(clips, self.io.input_dtype)
+        clips = engine_input(clips, self.io.input_dtype, pixels=self.io.pixels)
         with self._lock, self.buffers.activate():
             return run_in_chunks(clips, self.io, lambda chunk: self.buffers.run(self.context, chunk, self.io),
                                  self.buffers.concat)
@@ -678,9 +745,10 @@ def _sidecar_for_existing_engine(args) -> int:
     finally:
         buffers.close()
     level = str(level_name).lower()
-    clips = next((t for t in tensors if t["name"] == INPUT_NAME), None)
+    input_name = declared_io(meta)[1]["name"]
+    clips = next((t for t in tensors if t["name"] == input_name), None)
     if clips is None or "profile" not in clips:
-        raise EngineCompatibilityError(f"{engine} has no input '{INPUT_NAME}': not built from an stt_fast ONNX file")
+        raise EngineCompatibilityError(f"{engine} has no input '{input_name}': not built from an stt_fast ONNX file")
     batch = tuple(int(shape[0]) for shape in clips["profile"])
     sidecar = make_sidecar(engine_bytes=engine_bytes, onnx_meta=meta, onnx_file=Path(args.onnx).name,
                            onnx_sha256=hashlib.sha256(Path(args.onnx).read_bytes()).hexdigest(),
@@ -698,6 +766,9 @@ def _run(args) -> int:
     import numpy as np
 
     with EngineRunner(args.engine, buffers=args.buffers, device=args.device) as runner:
+        if runner.sidecar.get("graph", "whole") != "whole":
+            raise ValueError(f"{args.engine} is the timeline's {runner.sidecar['graph']!r} half, not a whole model: "
+                             "'run' takes an engine built from model.onnx")
         logits = runner(np.load(args.clips))
     logits = logits if isinstance(logits, np.ndarray) else logits.cpu().numpy()
     labels = runner.sidecar.get("labels") or [str(i) for i in range(logits.shape[1])]

@@ -32,8 +32,8 @@ from stt_fast.compiler.program import STTProgram
 from stt_fast.files import atomic_output
 from stt_fast.model import STT
 
-INPUT_NAME = "clips"
-OUTPUT_NAME = "logits"
+from .engine_runtime import GRAPHS, INPUT_NAME, OUTPUT_NAME
+
 DEFAULT_OPSET = 18
 ATTENTION_OP_OPSET = 23
 PRECISION_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
@@ -158,9 +158,10 @@ def export_onnx(model: STT, path: str | os.PathLike, *, precision: str = "fp32",
     return Path(path)
 
 
-def load_onnx(path: str | os.PathLike, io_names: tuple[str, str] = (INPUT_NAME, OUTPUT_NAME)):
+def load_onnx(path: str | os.PathLike, io_names: tuple[str, str] | None = None):
     """The ONNX model at path, checked; ValueError naming the file when it is missing or invalid, or when
-    its input and output are not io_names (the whole model's by default; export/halves.py has others)."""
+    its input and output are not io_names (default: those of the graph its metadata names, the whole
+    model's when it names none; export/halves.py writes the others)."""
     import onnx
 
     path = Path(path)
@@ -171,6 +172,11 @@ def load_onnx(path: str | os.PathLike, io_names: tuple[str, str] = (INPUT_NAME, 
         onnx.checker.check_model(model)
     except Exception as e:  # protobuf DecodeError, onnx ValidationError, truncated files
         raise ValueError(f"{path} is not a valid ONNX model (corrupted or truncated?): {e}") from e
+    if io_names is None:
+        graph = read_metadata(model).get("stt_fast.graph", "whole")
+        if graph not in GRAPHS:
+            raise ValueError(f"{path} names an unknown stt_fast graph {graph!r}")
+        io_names = GRAPHS[graph]
     if [i.name for i in model.graph.input] != [io_names[0]] or [o.name for o in model.graph.output] != [io_names[1]]:
         raise ValueError(f"{path} is not an stt_fast export: expected input '{io_names[0]}' and output "
                          f"'{io_names[1]}'")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from stt_fast.files import atomic_output
 
-from .onnx_export import INPUT_NAME, OUTPUT_NAME, load_onnx
+from .onnx_export import load_onnx
 
 
 @dataclass(frozen=True)
@@ -21,9 +21,9 @@ class SimplifyResult:
 
 
 def simplify_onnx(src: str | os.PathLike, dst: str | os.PathLike,
-                  io_names: tuple[str, str] = (INPUT_NAME, OUTPUT_NAME)) -> SimplifyResult:
-    """Simplify the ONNX file src (input and output named io_names) into dst (atomically). The stt_fast
-    metadata is kept."""
+                  io_names: tuple[str, str] | None = None) -> SimplifyResult:
+    """Simplify the ONNX file src into dst (atomically); io_names as load_onnx checks them (default: the
+    graph's own, from its metadata). The stt_fast metadata is kept."""
     import onnx
 
     model = load_onnx(src, io_names)

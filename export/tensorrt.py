@@ -38,7 +38,7 @@ from stt_fast.compiler.validation import reference_logits
 from stt_fast.files import sha256_file, write_bytes_atomic, write_text_atomic
 from stt_fast.model import STT
 
-from .engine_runtime import INPUT_NAME, EngineRunner, import_tensorrt, layers_path, make_sidecar, write_sidecar
+from .engine_runtime import EngineRunner, declared_io, import_tensorrt, layers_path, make_sidecar, write_sidecar
 from .onnx_export import PRECISION_DTYPES, BatchRange, config_from_metadata, load_onnx, read_metadata
 from .parity import probe_inputs
 
@@ -129,6 +129,14 @@ def layer_summary(information: str) -> dict[str, Any]:
     return {"layers": len(names), "attention_layers": attention}
 
 
+def profile_shapes(onnx_meta: dict[str, str], batch: BatchRange) -> tuple[str, tuple, tuple, tuple]:
+    """(input name, min, opt, max shapes) of the optimisation profile for the graph an stt_fast ONNX file
+    holds (the whole model, or one of the timeline's halves): its batch dimension over `batch`."""
+    _, inputs, _ = declared_io(onnx_meta)
+    row = tuple(int(d) for d in inputs["shape"][1:])
+    return inputs["name"], (batch.min, *row), (batch.opt, *row), (batch.max, *row)
+
+
 def _apply_settings(trt, builder_config, settings: dict[str, Any]) -> None:
     for name in settings["clear_flags"]:
         builder_config.clear_flag(getattr(trt.BuilderFlag, name))
@@ -175,7 +183,7 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
     onnx_model = load_onnx(onnx_path)
     meta = read_metadata(onnx_model)
-    config = config_from_metadata(meta)
+    config_from_metadata(meta)  # refuses a file stt_fast did not export, naming it
     batch = batch or BatchRange.parse(meta.get("stt_fast.batch", "1:8:64"))
     gpu = _gpu(device)
     precision = meta.get("stt_fast.precision", "fp32")
@@ -201,9 +209,8 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *
         builder_config = builder.create_builder_config()
         builder_config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * 2**30))
         builder_config.builder_optimization_level = optimization_level
-        shape = (config.num_frames, 3, config.image_size, config.image_size)
         profile = builder.create_optimization_profile()
-        profile.set_shape(INPUT_NAME, (batch.min, *shape), (batch.opt, *shape), (batch.max, *shape))
+        profile.set_shape(*profile_shapes(meta, batch))
         builder_config.add_optimization_profile(profile)
         _apply_settings(trt, builder_config, settings)
         cache = _timing_cache(builder_config, cache_file)

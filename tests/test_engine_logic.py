@@ -95,7 +95,7 @@ def test_profile_chunks_refuse_bad_input():
 @pytest.mark.parametrize("lib", ["numpy", "torch"])
 def test_run_in_chunks_returns_each_clips_own_row(lib):
     """Every call the engine sees is inside its profile; padded rows never reach the caller."""
-    io = EngineIO("float32", 7, min_batch=4, opt_batch=8, max_batch=8)
+    io = EngineIO("clips", "float32", "logits", "float32", (7,), min_batch=4, opt_batch=8, max_batch=8)
     clips = np.arange(11 * 3, dtype=np.float32).reshape(11, 3)
     clips = clips if lib == "numpy" else torch.from_numpy(clips)
     seen = []
@@ -137,9 +137,11 @@ def _tensors(dtype="float32", profile=(1, 4, 16), frames=16, classes=7, out_dtyp
 
 
 def test_engine_io_reads_dtype_classes_and_profile_from_the_engine():
-    assert engine_io(_tensors(), _sidecar()) == EngineIO("float32", 7, 1, 4, 16)
+    assert engine_io(_tensors(), _sidecar()) == EngineIO("clips", "float32", "logits", "float32", (7,), 1, 4, 16)
     uint8 = _sidecar(input={"name": "clips", "dtype": "uint8"}, profile={"min": 4, "opt": 8, "max": 32})
-    assert engine_io(_tensors("uint8", (4, 8, 32)), uint8) == EngineIO("uint8", 7, 4, 8, 32)
+    assert engine_io(_tensors("uint8", (4, 8, 32)), uint8) == EngineIO("clips", "uint8", "logits", "float32", (7,),
+                                                                       4, 8, 32)
+    assert engine_io(_tensors(), _sidecar()).pixels
 
 
 @pytest.mark.parametrize("tensors,message", [
@@ -155,6 +157,67 @@ def test_engine_io_names_each_disagreement(tensors, message):
     """(Mutation: trusting the sidecar runs a uint8 engine on float buffers, or past its profile.)"""
     with pytest.raises(EngineCompatibilityError, match=message):
         engine_io(tensors, _sidecar())
+
+
+# The timeline's two halves: frames [F, 3, S, S] -> features [F, N, C]; features [B, T*N, C] -> logits.
+# Shapes of the paper model (N = 49 tokens of C = 256 channels, T = 16), the fp16 graphs.
+HALF_IO = {"frames": ({"name": "frames", "dtype": "float32", "shape": [-1, 3, 112, 112]},
+                      {"name": "features", "dtype": "float16", "shape": [-1, 49, 256]}),
+           "windows": ({"name": "features", "dtype": "float16", "shape": [-1, 16 * 49, 256]},
+                       {"name": "logits", "dtype": "float32", "shape": [-1, 7]})}
+
+
+def _half(graph, *, in_dtype=None, out_shape=None, profile=(1, 16, 256), names=None):
+    inputs, outputs = HALF_IO[graph]
+    side = _sidecar(graph=graph, input=inputs, output=outputs,
+                    profile=dict(zip(("min", "opt", "max"), (1, 16, 256))))
+    shape = inputs["shape"]
+    names = names or (inputs["name"], outputs["name"])
+    tensors = [{"name": names[0], "mode": "INPUT", "dtype": in_dtype or inputs["dtype"], "shape": shape,
+                "profile": [[b, *shape[1:]] for b in profile]},
+               {"name": names[1], "mode": "OUTPUT", "dtype": outputs["dtype"], "shape": out_shape or outputs["shape"]}]
+    return tensors, side
+
+
+def test_engine_io_of_the_timeline_halves():
+    """The frames engine's output and the windows engine's input are the features: their shape and dtype
+    come from the sidecar (recorded from the ONNX files), and the windows input is not pixels."""
+    frames = engine_io(*_half("frames"))
+    assert frames == EngineIO("frames", "float32", "features", "float16", (49, 256), 1, 16, 256) and frames.pixels
+    windows = engine_io(*_half("windows"))
+    assert windows == EngineIO("features", "float16", "logits", "float32", (7,), 1, 16, 256) and not windows.pixels
+
+
+@pytest.mark.parametrize("graph,over,message", [
+    ("frames", {"out_shape": [-1, 50, 256]}, r"output shape \[-1, 50, 256\] is not \[-1, 49, 256\]"),
+    ("windows", {"in_dtype": "float32"}, r"input dtype float32 is not one of \('float16',\)"),
+    ("windows", {"names": ("clips", "logits")}, "exactly 'features' \\(input\\) and 'logits'"),
+    ("frames", {"profile": (1, 8, 64)}, "profile batch 1:8:64 differs"),
+], ids=["frames-tokens", "windows-dtype", "windows-names", "frames-profile"])
+def test_engine_io_of_a_half_names_each_disagreement(graph, over, message):
+    with pytest.raises(EngineCompatibilityError, match=message):
+        engine_io(*_half(graph, **over))
+
+
+def test_a_sidecar_naming_an_unknown_graph_is_refused():
+    with pytest.raises(EngineCompatibilityError, match="graph 'decoder'"):
+        engine_io(_tensors(), _sidecar(graph="decoder"))
+
+
+@pytest.mark.parametrize("lib", ["numpy", "torch"])
+def test_features_are_cast_to_the_engine_dtype_never_rescaled(lib):
+    """(Mutation: the pixel rule on features multiplies them by 255 or refuses float16.)"""
+    values = [-3.5, 0.25, 7.0]
+    features = np.array(values, dtype=np.float32) if lib == "numpy" else torch.tensor(values)
+    half = engine_input(features, "float16", pixels=False)
+    assert str(half.dtype).endswith("float16") and [float(v) for v in half] == values
+    back = engine_input(half, "float32", pixels=False)
+    assert str(back.dtype).endswith("float32") and [float(v) for v in back] == values
+    raw = np.array([1, 2], dtype=np.uint8) if lib == "numpy" else torch.tensor([1, 2], dtype=torch.uint8)
+    with pytest.raises(ValueError, match="features must be floating point"):
+        engine_input(raw, "float16", pixels=False)
+    with pytest.raises(ValueError, match="a features engine takes"):
+        engine_input(features, "uint8", pixels=False)
 
 
 # --- 7. and 11. version, platform and hardware rules ----------------------------------------------------

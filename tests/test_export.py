@@ -4,6 +4,7 @@ run tests need TensorRT and a GPU and skip, saying so, where either is missing."
 
 import json
 
+import numpy as np
 import onnx
 import pytest
 import torch
@@ -407,3 +408,25 @@ def test_compile_with_tensorrt_backend(tmp_path):
     assert compiled.validation.passed
     again = stt_fast.compile(model, backend="tensorrt", cache_dir=tmp_path, batch="1:2:4")
     assert again.validation.passed and len(list(tmp_path.rglob("*.engine"))) == 1
+
+
+@pytest.mark.tensorrt
+def test_tensorrt_timeline_runs_two_engines_and_matches_windows_from_scratch(tmp_path):
+    """The timeline on the tensorrt backend: frames and windows engines built on first use beside the whole
+    engine, the cached windows equal to each window through the whole engine."""
+    _tensorrt_or_skip()
+    import stt_fast
+    from stt_fast.timeline import Timeline
+
+    model = trained_looking(get_config("tiny")).cuda()
+    compiled = stt_fast.compile(model, backend="tensorrt", cache_dir=tmp_path, batch="1:2:4")
+    frames = [np.random.default_rng(i).integers(0, 256, (48, 64, 3), dtype=np.uint8) for i in range(40)]
+    results = {}
+    for cache in (True, False):
+        timeline = Timeline(compiled, window=1.0, stride=0.25, cache=cache)
+        for i, frame in enumerate(frames):
+            timeline.push(frame, i / 25)
+        results[cache] = torch.tensor([r.logits for r in timeline.results])
+    assert len(results[True]) == len(results[False]) > 0
+    assert relative_error(results[True], results[False]) < tolerance(torch.float16).model
+    assert sorted(p.name for p in tmp_path.rglob("*.engine")) == ["frames.engine", "model.engine", "windows.engine"]

@@ -7,6 +7,8 @@ import json
 import sys
 import time
 
+from .common import add_backend_args, add_quiet, device_name, positive_int
+
 
 def positive_seconds(text: str) -> float:
     try:
@@ -18,7 +20,7 @@ def positive_seconds(text: str) -> float:
     return value
 
 
-def add_parser(sub, *, backend_args, device_type, positive_int, quiet_args) -> None:
+def add_parsers(sub) -> None:
     p = sub.add_parser(
         "timeline", help="emotion over time on a video, a folder of frames, a camera or a stream",
         description="Classify windows of SOURCE as they complete: one row per window (start, end, face, label, "
@@ -28,7 +30,7 @@ def add_parser(sub, *, backend_args, device_type, positive_int, quiet_args) -> N
                     "whole). SOURCE: a video file, a folder of frames (--fps apart), a camera index (0) or a "
                     "stream URL.")
     p.add_argument("source", help="video file, folder of frames, camera index or stream URL")
-    backend_args(p)
+    add_backend_args(p)
     p.add_argument("--window", type=positive_seconds, default=2.0, help="seconds per window")
     p.add_argument("--stride", type=positive_seconds, default=0.5,
                    help="seconds between window starts (rounded to whole grid steps of window / T)")
@@ -46,9 +48,9 @@ def add_parser(sub, *, backend_args, device_type, positive_int, quiet_args) -> N
     p.add_argument("--no-cache", action="store_true",
                    help="run every window from scratch (its frames through the whole model): the peer of the cache")
     p.add_argument("--force", action="store_true", help="replace existing --csv / --plot files")
-    p.add_argument("--device", default=None, type=device_type,
+    p.add_argument("--device", default=None, type=device_name,
                    help="cpu, cuda or cuda:N (default: cuda when available)")
-    quiet_args(p)
+    add_quiet(p)
     p.set_defaults(func=run)
 
 

@@ -75,7 +75,7 @@ class CompiledSTT(nn.Module):
 
     @property
     def has_halves(self) -> bool:
-        """Whether frame_features / classify_features run here (the torch and triton backends)."""
+        """Whether frame_features / classify_features run here (every backend of stt_fast.compile has them)."""
         return hasattr(self.program, "frame_features")
 
     def frame_features(self, frames: torch.Tensor) -> torch.Tensor:
