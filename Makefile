@@ -16,7 +16,7 @@ bench: $(VENV)/.ready
 	$(VENV)/bin/stt-fast bench $(BENCH_ARGS)
 
 test: $(VENV)/.ready
-	$(VENV)/bin/python -m pytest -q -n auto
+	$(VENV)/bin/python -m pytest -q -n auto --durations=20
 
 selftest: $(VENV)/.ready
 	$(VENV)/bin/stt-fast selftest $(SELFTEST_ARGS)

@@ -10,6 +10,7 @@ PACKAGES = {
     "stt_fast": "stt_fast",
     "stt_fast.compiler": "stt_fast/compiler",
     "stt_fast.cli": "stt_fast/cli",
+    "stt_fast.serving": "stt_fast/serving",
     "stt_fast.data": "stt_fast/data",
     "stt_fast.kernels": "kernels",
     "stt_fast.export": "export",

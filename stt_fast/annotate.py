@@ -42,6 +42,7 @@ import numpy as np
 
 from .data.video import IMAGE_SUFFIXES, VIDEO_SUFFIXES
 from .files import sha256_file, write_text_atomic
+from .predictors import ModelSpec
 
 FORMATS = ("parquet", "jsonl")
 PART_PREFIX = "part-"
@@ -172,29 +173,13 @@ def decode(path: str, num_frames: int, image_size: int, detect_face: bool) -> di
     return {"path": path, "clip": clip.numpy(), "warnings": "; ".join(warnings), "error": ""}
 
 
-@dataclass(frozen=True)
-class ModelSpec:
-    """What every worker needs to build the same predictor (picklable: it travels to Ray actors)."""
-
-    backend: str
-    checkpoint: str | None
-    onnx: str | None
-    engine: str | None
-    device: str | None
-
-    def file(self) -> str:
-        return {"onnx": self.onnx, "tensorrt": self.engine}.get(self.backend) or self.checkpoint or ""
-
-
 class BatchPredictor:
     """decoded clips -> result rows; one model, built once (one per Ray actor)."""
 
     def __init__(self, spec: ModelSpec, model_sha256: str) -> None:
         from .predict import class_names
-        from .predictors import load_predictor
 
-        self.predictor = load_predictor(spec.backend, checkpoint=spec.checkpoint, onnx=spec.onnx, engine=spec.engine,
-                                        device=spec.device)
+        self.predictor = spec.load()
         self.labels = class_names(self.predictor.config.num_classes)
         self.model_sha256 = model_sha256
 
@@ -261,18 +246,10 @@ def _with_ray(todo: list[str], spec: ModelSpec, model_sha256: str, config, batch
         import ray.data
     except ImportError:
         raise ImportError("--ray needs Ray Data: pip install 'stt-fast[ray]'") from None
-    started_here = not ray.is_initialized()
-    # Ray's C++ core logs notices of its own internals at ERROR level on the driver's stderr; keep them out
-    # of the user's terminal unless they ask (setting the variable themselves).
-    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
-    if started_here:
-        quiet = dict(log_to_driver=False, logging_level=logging.ERROR)
-        if ray_address == "local":
-            # Logical CPUs enough for the actors and at least one decoding task beside them.
-            cores = os.cpu_count() or 1
-            ray.init(num_cpus=max(cores, int(workers * cpus_per_worker + 0.999) + 1), include_dashboard=False, **quiet)
-        else:
-            ray.init(address=ray_address, **quiet)
+    from .ray_cluster import connect_ray
+
+    # logical CPUs enough for the actors and at least one decoding task beside them
+    started_here = connect_ray(ray_address, cpus_needed=workers * cpus_per_worker + 1)
     logging.getLogger("ray.data").setLevel(logging.ERROR)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
@@ -346,7 +323,7 @@ def annotate(source: str | os.PathLike, output: str | os.PathLike, *, backend: s
     out.mkdir(parents=True, exist_ok=True)
     _clean_partial(out)
     model_sha256 = sha256_file(model_file)
-    config = _config_of(spec)
+    config = spec.config()
     columns = row_columns(_labels(config))
     existing = read_rows(out)
     other_model = {r["model_sha256"] for r in existing} - {model_sha256}
@@ -389,23 +366,6 @@ def _labels(config) -> list[str]:
     from .predict import class_names
 
     return class_names(config.num_classes)
-
-
-def _config_of(spec: ModelSpec):
-    """The model's config, read from its file without building the model."""
-    from .config import STTConfig
-
-    if spec.backend in ("reference", "compiled"):
-        from .checkpoint import read_checkpoint
-
-        return read_checkpoint(spec.checkpoint)[0]
-    if spec.backend == "onnx":
-        from stt_fast.export.onnx_export import config_from_metadata, read_metadata
-
-        return config_from_metadata(read_metadata(spec.onnx))
-    from stt_fast.export.engine_runtime import read_sidecar
-
-    return STTConfig.from_dict(read_sidecar(spec.engine)["config"])
 
 
 def _has_pyarrow() -> bool:

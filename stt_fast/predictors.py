@@ -25,6 +25,40 @@ class Predictor:
             return self.run(clips).float().cpu()
 
 
+@dataclass(frozen=True)
+class ModelSpec:
+    """A backend and its model file: what every worker needs to build the same predictor (picklable: it travels
+    to Ray actors, in `stt-fast annotate --ray` and `stt-fast serve`)."""
+
+    backend: str
+    checkpoint: str | None
+    onnx: str | None
+    engine: str | None
+    device: str | None
+
+    def file(self) -> str:
+        return {"onnx": self.onnx, "tensorrt": self.engine}.get(self.backend) or self.checkpoint or ""
+
+    def config(self) -> STTConfig:
+        """The model's config, read from its file without building the model: a file that is not a model
+        fails here, in the driver, with the reader's one-line reason, before any worker starts."""
+        if self.backend in ("reference", "compiled"):
+            from .checkpoint import read_checkpoint
+
+            return read_checkpoint(self.checkpoint)[0]
+        if self.backend == "onnx":
+            from stt_fast.export.onnx_export import config_from_metadata, read_metadata
+
+            return config_from_metadata(read_metadata(self.onnx))
+        from stt_fast.export.engine_runtime import read_sidecar
+
+        return STTConfig.from_dict(read_sidecar(self.engine)["config"])
+
+    def load(self) -> Predictor:
+        return load_predictor(self.backend, checkpoint=self.checkpoint, onnx=self.onnx, engine=self.engine,
+                              device=self.device)
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

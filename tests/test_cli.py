@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -402,8 +403,9 @@ finally:
 """
 
 
-def _command_runs(tmp: Path, synth_root: Path, checkpoint: Path) -> dict[str, list[str]]:
-    """A small real run of every command (those needing TensorRT run until TensorRT is asked for)."""
+def _command_runs(tmp: Path, synth_root: Path, checkpoint: Path, busy_port: int) -> dict[str, list[str]]:
+    """A small real run of every command (those needing TensorRT run until TensorRT is asked for; serve
+    until it finds its port taken, after importing what it serves with)."""
     clip = str(next((synth_root / "Clip" / "clip_224x224").iterdir()))
     onnx = tmp / "m.onnx"
     return {
@@ -424,6 +426,7 @@ def _command_runs(tmp: Path, synth_root: Path, checkpoint: Path) -> dict[str, li
         "annotate": ["annotate", str(synth_root), "--checkpoint", str(checkpoint), "-o", str(tmp / "annotated"),
                      "--device", "cpu", "--quiet"],
         "cache": ["cache", "list"],
+        "serve": ["serve", "--checkpoint", str(checkpoint), "--port", str(busy_port), "--quiet"],
         "timeline": ["timeline", clip, "--checkpoint", str(checkpoint), "--device", "cpu", "--window", "0.5",
                      "--stride", "0.25", "--plot", str(tmp / "timeline.png"), "--quiet"],
     }
@@ -435,7 +438,10 @@ def test_every_command_imports_only_what_its_extras_install(synth_root, checkpoi
 
     core, extras = _requirements()
     documented = _readme_extras()
-    runs = _command_runs(tmp_path, synth_root, checkpoint)
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    runs = _command_runs(tmp_path, synth_root, checkpoint, busy.getsockname()[1])
     assert set(build_parser().commands) <= set(runs), "every command is exercised here"
     assert set(runs) <= set(documented), f"README names no extras for {set(runs) - set(documented)}"
     environment = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # as a user runs them

@@ -1,0 +1,110 @@
+"""What a POST /v1/predict carries, turned into the model's clip: the same decoding as `stt-fast predict`.
+
+Accepted bodies (the upload limit is checked before and while the body is read, by the caller):
+- multipart/form-data with a file field "file": a video (or image) file, or a .npy clip by its name;
+- a raw body: Content-Type application/x-npy (a clip), or any other type (video/mp4,
+  application/octet-stream...) as a video file whose suffix comes from ?filename= (default .mp4).
+A clip as .npy is uint8 [T, 3, S, S], exactly the model's T frames of S x S pixels (0-255, RGB).
+Everything wrong with a request is an UploadError with its HTTP status and a reason a user can act on.
+"""
+
+from __future__ import annotations
+
+import email.parser
+import email.policy
+import io
+import os
+import tempfile
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+NPY_TYPES = ("application/x-npy", "application/npy")
+
+
+class UploadError(ValueError):
+    """A request the service refuses: status (400, 413...) and the reason."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status, self.reason = status, reason
+
+
+@dataclass(frozen=True)
+class Upload:
+    kind: str  # "npy" or "video"
+    data: bytes
+    suffix: str  # the video file's suffix (".mp4"); "" for npy
+
+
+def check_declared_size(content_length: str | None, limit_bytes: int) -> None:
+    """413 for a body declared larger than the limit (before reading it); 400 for a bad header."""
+    if content_length is None:
+        return
+    try:
+        declared = int(content_length)
+    except ValueError:
+        raise UploadError(400, f"Content-Length is not a number: {content_length!r}") from None
+    if declared > limit_bytes:
+        raise UploadError(413, f"the upload is {declared / 2**20:.1f} MiB; this server takes at most "
+                               f"{limit_bytes / 2**20:.1f} MiB (--max-upload-mb)")
+
+
+def _suffix(filename: str | None) -> str:
+    suffix = os.path.splitext(filename or "")[1].lower()
+    return suffix or ".mp4"
+
+
+def parse_upload(body: bytes, content_type: str | None, filename: str | None = None) -> Upload:
+    """The clip or video a request body holds (see the module docstring); 400 naming what is missing."""
+    if not body:
+        raise UploadError(400, "empty request body: send a video file (multipart field 'file') or a .npy clip")
+    media = (content_type or "").split(";")[0].strip().lower()
+    if media == "multipart/form-data":
+        message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+            b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + body)
+        parts = [p for p in message.iter_parts() if p.get_param("name", header="content-disposition") == "file"] \
+            if message.is_multipart() else []
+        if not parts:
+            raise UploadError(400, "multipart upload without a 'file' field (curl -F file=@clip.mp4)")
+        part = parts[0]
+        filename, body = part.get_filename(), part.get_payload(decode=True) or b""
+        if not body:
+            raise UploadError(400, "the 'file' field is empty")
+        media = "application/x-npy" if (filename or "").lower().endswith(".npy") else ""
+    if media in NPY_TYPES:
+        return Upload("npy", body, "")
+    return Upload("video", body, _suffix(filename))
+
+
+def clip_from_npy(data: bytes, num_frames: int, image_size: int) -> torch.Tensor:
+    """uint8 [T, 3, S, S] .npy bytes -> float32 [T, 3, S, S] in [0, 1] (as the model takes it)."""
+    try:
+        array = np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise UploadError(400, f"the body is not a .npy array: {e}") from None
+    want = (num_frames, 3, image_size, image_size)
+    if array.dtype != np.uint8 or array.shape != want:
+        raise UploadError(400, f"a .npy clip must be uint8 {list(want)} (T, 3, H, W: this model's input); "
+                               f"got {array.dtype} {list(array.shape)}")
+    return torch.from_numpy(np.ascontiguousarray(array)).float() / 255
+
+
+def clip_from_video(data: bytes, suffix: str, num_frames: int, image_size: int, *,
+                    detect_face: bool = False) -> tuple[torch.Tensor, list[str]]:
+    """A video file's bytes -> (float32 [T, 3, S, S] clip, warnings), decoded, sampled, cropped and resized
+    exactly as `stt-fast predict` does it; 400 with the decoder's reason for a file it cannot read."""
+    from stt_fast.data.video import BadClipError
+    from stt_fast.predict import load_for_prediction
+
+    with tempfile.TemporaryDirectory(prefix="stt_fast-upload-") as folder:
+        path = os.path.join(folder, f"upload{suffix}")
+        with open(path, "wb") as f:
+            f.write(data)
+        try:
+            clip, warnings = load_for_prediction(path, num_frames, image_size, detect_face=detect_face)
+        except BadClipError as e:
+            reason = str(e).replace(path, "upload")
+            raise UploadError(400, f"the uploaded file could not be read as a video: {reason}") from None
+    return clip, warnings
