@@ -260,7 +260,9 @@ def _with_ray(todo: list[str], spec: ModelSpec, model_sha256: str, config, batch
         return {**d, "clip": d["clip"] if d["clip"] is not None else np.zeros((frames, 3, size, size), np.float32)}
 
     try:
-        dataset = ray.data.from_items([{"path": p} for p in todo], override_num_blocks=max(1, len(todo) // batch_size))
+        # a block per batch, and at least one per actor where there are clips enough: no actor of the pool idles
+        blocks = max(1, min(len(todo), max(workers, len(todo) // batch_size)))
+        dataset = ray.data.from_items([{"path": p} for p in todo], override_num_blocks=blocks)
         # Decoding: parallel CPU tasks (half a CPU each: lighter than inference). Inference: an actor pool,
         # one model per actor. Their resources differ, so Ray keeps them apart rather than fusing them.
         dataset = dataset.map(decode_row, num_cpus=0.5)

@@ -6,6 +6,8 @@ Every request loop is bounded in count and time."""
 import io
 import json
 import re
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -14,12 +16,14 @@ import torch
 from stt_fast import get_config
 from stt_fast.checkpoint import save_checkpoint
 from stt_fast.data.synthetic import write_long_video
+from stt_fast.predict import class_names
 from stt_fast.predictors import ModelSpec
 from stt_fast.serving.metrics import ServiceMetrics, read_metrics
 from stt_fast.serving.uploads import UploadError, check_declared_size, clip_from_npy, parse_upload
 from tests.helpers import trained_looking
 
 TINY = get_config("tiny")  # T = 4 frames of 64 x 64
+TINY_LABELS = class_names(TINY.num_classes)
 BOUNDARY = "stt-fast-test-boundary"
 
 
@@ -154,6 +158,51 @@ def test_cli_serve_refuses_a_file_that_is_not_a_model_before_ray_starts(tmp_path
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"stt-fast serve: error: {bad} is not a readable stt_fast "
                                                    "checkpoint"), result.stderr
+
+
+def test_cli_serve_answers_then_stops_cleanly_on_sigterm(tmp_path):
+    """The command as a user starts it: ready, one answer, then SIGTERM (docker stop, systemd): status 0,
+    Serve and Ray shut down, nothing listens on the port any more."""
+    import signal
+    import subprocess
+    import sys
+
+    from stt_fast.benchmarks.bench_serve import free_port, get
+
+    checkpoint = save_checkpoint(trained_looking(TINY), tmp_path / "m.safetensors")
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen([sys.executable, "-m", "stt_fast", "serve", "--checkpoint", str(checkpoint), "--port",
+                               str(port), "--backend", "reference", "--max-batch", "2"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    def read_stderr() -> None:
+        for line in server.stderr:  # line by line, so that the wait below sees each as it comes
+            lines.append(line)
+
+    reader = threading.Thread(target=read_stderr, daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 180
+        while not any(line.startswith("[serve] ready in") for line in lines):  # the command's own word for it
+            assert time.monotonic() < deadline and server.poll() is None, f"the service did not start: {lines}"
+            time.sleep(0.2)
+        assert get(f"{base}/readyz")[0] == 200
+        clip = np.random.default_rng(0).integers(0, 256, (4, 3, 64, 64), dtype=np.uint8)
+        status, answer, _ = _post(base, _npy(clip), "application/x-npy")
+        assert status == 200 and set(answer["probabilities"]) == set(TINY_LABELS), answer
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=120)
+        reader.join(timeout=10)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+    stderr = "".join(lines)
+    assert server.returncode == 0, stderr
+    assert "[serve] stopping" in stderr and "Traceback" not in stderr, stderr
+    with pytest.raises(OSError):
+        get(f"{base}/healthz", timeout_s=3)
 
 
 # --- a real service on loopback -------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 from pathlib import Path
@@ -57,6 +58,10 @@ def backend_of(args: argparse.Namespace) -> str:
     return backend
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         from stt_fast.serving.app import ServeOptions, check_port_free, start, stop
@@ -78,6 +83,9 @@ def run(args: argparse.Namespace) -> int:
     began = time.monotonic()
     started_ray = start(options, host=args.host, port=args.port, ray_address=args.ray)
     try:
+        # SIGTERM (docker stop, systemd, kill) stops the service as Ctrl-C does: Serve and Ray shut down,
+        # status 0. Set after Ray starts, whose own handler for it would abort the process.
+        signal.signal(signal.SIGTERM, _interrupt)
         url = f"http://{args.host}:{args.port}"
         print(f"[serve] ready in {time.monotonic() - began:.0f} s: POST {url}/v1/predict "
               f"(curl -F file=@clip.mp4 {url}/v1/predict); {url}/metrics; Ctrl-C stops", file=sys.stderr)
