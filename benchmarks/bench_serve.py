@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from .machine import machine_header, store_result
-from .timing import summarize
+from .timing import measure, summarize
 
 
 @dataclass
@@ -200,15 +200,14 @@ def free_port() -> int:
 
 
 def _direct(predictor, clips: torch.Tensor, batch: int, rounds: int = 3) -> float:
-    """clips/s of the predictor called in this process, `batch` clips a call (best of rounds)."""
-    best = float("inf")
-    predictor(clips[:batch])  # warm-up
-    for _ in range(rounds):
-        started = time.perf_counter()
+    """clips/s of the predictor called in this process, `batch` clips a call (the best of `rounds` passes
+    over the clips, after one untimed pass)."""
+    def one_pass() -> None:
         for start in range(0, len(clips), batch):
             predictor(clips[start:start + batch])
-        best = min(best, time.perf_counter() - started)
-    return len(clips) / best
+
+    timing = measure(one_pass, "cpu", warmup=1, min_runs=rounds, max_runs=rounds, min_seconds=0.0)
+    return len(clips) / (timing.min_ms / 1e3)
 
 
 def run(configs=("tiny", "paper"), replicas=(1, 2), concurrencies=(1, 4, 16), requests: int = 64,

@@ -46,6 +46,7 @@ APP_NAME = "stt_fast"
 # Requests the Gateway takes beyond its capacity only to refuse them itself (503 with Retry-After, at the
 # cost of reading their headers) before Serve's proxy starts refusing with its own plain-text 503.
 ADMISSION_HEADROOM = 64
+FAILED_STATES = ("UNHEALTHY", "DEPLOY_FAILED")  # a Classifier deployment's states that mean its replicas failed
 ROUTES = ("POST /v1/predict", "GET /healthz", "GET /readyz", "GET /metrics")
 
 
@@ -108,7 +109,6 @@ class Classifier:
     call, one forward pass."""
 
     def __init__(self, spec: ModelSpec, cpu_threads: int) -> None:
-        from stt_fast.files import sha256_file
         from stt_fast.predict import class_names
 
         if spec.device in (None, "cpu") and not torch.cuda.is_available():
@@ -116,7 +116,7 @@ class Classifier:
         self.predictor = spec.load()
         config = self.predictor.config
         self.labels = class_names(config.num_classes)
-        self.facts = {"backend": self.predictor.name, "checkpoint_sha256": _model_sha256(spec, sha256_file),
+        self.facts = {"backend": self.predictor.name, "checkpoint_sha256": _model_sha256(spec),
                       "num_frames": config.num_frames, "image_size": config.image_size}
         # The replica is ready once its model has answered: a model that cannot run fails here, and the
         # replica never takes a request (GET /readyz stays 503, naming the failure in Ray's log).
@@ -136,7 +136,10 @@ class Classifier:
         return [row | {"batch_size": len(clips)} for row in probabilities(logits, self.labels)]
 
 
-def _model_sha256(spec: ModelSpec, sha256_file) -> str | None:
+def _model_sha256(spec: ModelSpec) -> str | None:
+    """The hash the answers carry: the model file's, or for an engine the checkpoint's, from its sidecar."""
+    from stt_fast.files import sha256_file
+
     if spec.backend == "tensorrt":
         from stt_fast.export.engine_runtime import read_sidecar
 
@@ -179,6 +182,13 @@ def _is_replica_failure(error: BaseException) -> bool:
     return isinstance(error, (ActorDiedError, ActorUnavailableError, RayActorError))
 
 
+def _app_status(app_name: str):
+    """(the app's status, its Classifier deployment's status) from Serve; None for either not deployed.
+    Defined above the Gateway: @serve.ingress pickles the routes, and what they call, where it is applied."""
+    app = serve.status().applications.get(app_name)
+    return app, (app.deployments.get("Classifier") if app else None)
+
+
 @serve.ingress(api)
 class Gateway:
     def __init__(self, classifier, options: ServeOptions, app_name: str = APP_NAME) -> None:
@@ -206,9 +216,7 @@ class Gateway:
 
     @api.get("/readyz")
     async def readyz(self) -> JSONResponse:
-        status = await asyncio.to_thread(serve.status)
-        app = status.applications.get(self.app_name)
-        deployment = app.deployments.get("Classifier") if app else None
+        _, deployment = await asyncio.to_thread(_app_status, self.app_name)
         states = {_state(k): v for k, v in (deployment.replica_states if deployment else {}).items()}
         running = states.get("RUNNING", 0)
         ready = deployment is not None and _state(deployment.status) == "HEALTHY" and running >= self.options.replicas
@@ -321,11 +329,10 @@ def failure_reason(message: str) -> str:
 def _replica_failure(app_name: str) -> str | None:
     """Why the app's Classifier replicas failed to start, from Serve's status; None when it says nothing."""
     try:
-        app = serve.status().applications.get(app_name)
+        _, deployment = _app_status(app_name)
     except Exception:  # Serve itself is down: the caller's own error says more
         return None
-    deployment = app.deployments.get("Classifier") if app else None
-    if deployment is None or _state(deployment.status) not in ("UNHEALTHY", "DEPLOY_FAILED") or not deployment.message:
+    if deployment is None or _state(deployment.status) not in FAILED_STATES or not deployment.message:
         return None
     return failure_reason(deployment.message)
 
@@ -336,13 +343,12 @@ def wait_until_ready(app_name: str, replicas: int, timeout_s: float, poll_s: flo
     deadline = time.monotonic() + timeout_s
     last = "not deployed yet"
     while time.monotonic() < deadline:
-        app = serve.status().applications.get(app_name)
-        deployment = app.deployments.get("Classifier") if app else None
+        app, deployment = _app_status(app_name)
         if deployment is not None:
             last = f"{_state(deployment.status)}: {failure_reason(deployment.message or '')}".strip(": ")
             if _state(deployment.status) == "HEALTHY":
                 return
-            if _state(deployment.status) in ("UNHEALTHY", "DEPLOY_FAILED"):
+            if _state(deployment.status) in FAILED_STATES:
                 raise RuntimeError(f"the model replicas failed to start: {last}")
         if app is not None and _state(app.status) == "DEPLOY_FAILED":
             raise RuntimeError(f"the application failed to deploy: {app.message}")
