@@ -7,9 +7,13 @@ from .cls_attention_reference import cls_attention_reference
 from .contract import MODES, check_attention_inputs
 from .fused_linear import fused_linear
 from .fused_linear_reference import fused_linear_reference
-from .st_attention import HAS_TRITON, SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, st_attention
+from .interpreter import round_bf16_to_nearest
+from .st_attention import HAS_TRITON, SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, interpreting, st_attention
 from .st_attention_reference import st_attention_reference
 from .st_attention_sdpa import st_attention_sdpa
+
+if interpreting():  # the interpreter's float32 -> bfloat16 cast truncates; a GPU rounds (kernels/interpreter.py)
+    round_bf16_to_nearest()
 
 __all__ = [
     "HAS_TRITON",

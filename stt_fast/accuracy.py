@@ -6,7 +6,9 @@ NaN or infinity has error infinity, so it never passes.
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -49,6 +51,25 @@ def tolerance(dtype: torch.dtype) -> Tolerance:
         raise ValueError(f"no tolerance defined for {dtype}; known: {list(TOLERANCES)}") from None
 
 
+MARGIN_LOG = "STT_FAST_MARGIN_LOG"  # scripts/kernel_margins.py sets it to a file that collects every check
+
+
+def assert_within(error: float, bound: float, check: str, *, scope: str | None = None) -> None:
+    """assert error < bound, naming the check. Where $STT_FAST_MARGIN_LOG names a file, the check is first
+    appended to it as one JSON line ({"check", "error", "bound"}) so that a sweep over seeds
+    (scripts/kernel_margins.py) sees how close every check comes to its bound, passing or not.
+
+    scope names where the check runs: the current pytest test by default."""
+    if scope is None:
+        scope = os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" (", 1)[0]
+    name = f"{scope} {check}".strip()
+    log = os.environ.get(MARGIN_LOG)
+    if log:
+        with open(log, "a") as f:
+            f.write(json.dumps({"check": name, "error": error, "bound": bound}) + "\n")
+    assert error < bound, f"{name}: relative error {error:.3e}, bound {bound:.1e}"
+
+
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     """||out - ref|| / ||ref|| in float64 (inf if out is not finite; absolute error if ref is 0)."""
     if out.shape != ref.shape:
@@ -79,6 +100,22 @@ def row_relative_errors(out: torch.Tensor, ref: torch.Tensor, row_dims: int = 1)
     denom = ref64.norm(dim=1)
     errors = torch.where(denom > 0, diff / torch.where(denom > 0, denom, 1.0), diff)
     return torch.where(torch.isfinite(out64).all(dim=1), errors, torch.full_like(errors, math.inf))
+
+
+def assert_kernel_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, check: str = "", *,
+                        row_dims: int = 1, cls_rows: bool = False, scope: str | None = None) -> dict[str, float]:
+    """A kernel's output against its float64 reference at dtype's bounds: the whole within tolerance.kernel,
+    its worst row (rows: the indices of the first row_dims dimensions) within tolerance.row and, with
+    cls_rows, every clip's cls row (index 0 of dimension 1) within tolerance.row. Each is one assert_within
+    check; returns the errors by kind ("whole", "row", "cls")."""
+    bound = tolerance(dtype)
+    rows = row_relative_errors(out, ref, row_dims)
+    errors = {"whole": relative_error(out, ref), "row": rows.max().item()}
+    if cls_rows:
+        errors["cls"] = rows.view(out.shape[0], -1)[:, 0].max().item()
+    for kind, err in errors.items():
+        assert_within(err, bound.kernel if kind == "whole" else bound.row, f"{check} {kind}".strip(), scope=scope)
+    return errors
 
 
 def max_abs_error(out: torch.Tensor, ref: torch.Tensor) -> float:

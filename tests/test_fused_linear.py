@@ -7,7 +7,7 @@ from stt_fast.kernels import fused_linear
 from stt_fast.kernels.fused_linear import _fused_linear
 from stt_fast.kernels.fused_linear_configs import candidate_table
 
-from stt_fast.accuracy import relative_error, row_relative_errors, tolerance
+from stt_fast.accuracy import assert_kernel_close
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 EPS = 1e-6
@@ -72,8 +72,7 @@ def test_matches_reference(kernel_device, dtype, steps, m, k, n):
     ref = expected(a, w, bias, norm=norm if spec.get("norm") else None, gelu=kwargs["gelu"], residual=residual,
                    cls_period=kwargs["cls_period"])
     assert out.shape == (m, n) and out.dtype == dt
-    assert relative_error(out, ref) < tolerance(dt).kernel
-    assert max(row_relative_errors(out, ref)) < tolerance(dt).row
+    assert_kernel_close(out, ref, dt)
     if kwargs["cls_period"]:
         assert torch.equal(out[::7], residual[::7]), "cls rows keep the residual exactly"
 
@@ -87,7 +86,7 @@ def test_tokens_layout_with_the_table_as_bias(kernel_device, dtype):
     table = torch.randn(6, 24, dtype=dt, device=kernel_device)
     out = fused_linear(a, w, table, tokens=6)
     assert out.shape == (18, 24)
-    assert relative_error(out, expected(a, w, table, tokens=6)) < tolerance(dt).kernel
+    assert_kernel_close(out, expected(a, w, table, tokens=6), dt)
     assert torch.equal(out.view(3, 6, 24)[:, 0], table[0].expand(3, 24))
 
 
@@ -96,11 +95,11 @@ def test_float32_output_from_half_inputs_and_strided_residual(kernel_device):
     a, w, bias, norm = _case(kernel_device, torch.float16, 4, 64, 7)
     out = fused_linear(a, w, bias, norm=(*norm, EPS), out_dtype=torch.float32)
     assert out.dtype == torch.float32
-    assert relative_error(out, expected(a, w, bias, norm=norm)) < tolerance(torch.float16).kernel
+    assert_kernel_close(out, expected(a, w, bias, norm=norm), torch.float16, "float32 out")
     x = torch.randn(4, 9, 16, dtype=torch.float16, device=kernel_device)
     w2 = torch.randn(16, 64, dtype=torch.float16, device=kernel_device) * 0.1
     out = fused_linear(a, w2, None, residual=x[:, 0])
-    assert relative_error(out, expected(a, w2, None, residual=x[:, 0])) < tolerance(torch.float16).kernel
+    assert_kernel_close(out, expected(a, w2, None, residual=x[:, 0]), torch.float16, "strided residual")
 
 
 @pytest.mark.parametrize("dtype", ["fp16", "fp32"])
@@ -113,7 +112,7 @@ def test_every_candidate_of_the_tile_table(kernel_device, dtype):
     ref = expected(a, w, bias, norm=norm, gelu=True, residual=residual)
     for config in candidate_table(dtype):
         out = _fused_linear(a, w, bias, norm[0], norm[1], EPS, True, residual, 0, 0, None, config=config)
-        assert relative_error(out, ref) < tolerance(dt).kernel, config
+        assert_kernel_close(out, ref, dt, f"tile {config}")
 
 
 BAD = {

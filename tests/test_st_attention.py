@@ -16,7 +16,7 @@ import torch
 from stt_fast.kernels import st_attention, st_attention_reference
 from stt_fast.kernels.st_attention_configs import candidate_table, fitting
 
-from stt_fast.accuracy import relative_error, row_relative_errors, tolerance
+from stt_fast.accuracy import assert_kernel_close
 from tests.independent import loop_st_attention
 
 impl = importlib.import_module("stt_fast.kernels.st_attention")  # the module, not the function
@@ -47,13 +47,7 @@ def check(out, q, k, v, frames, mode, dtype, scale=None):
 def assert_close_rows(out, expected, dtype):
     """The whole output, its worst token row and every clip's cls row (the one the head reads) within
     the tolerance table's bounds: a norm over the whole tensor alone would hide one wrong row."""
-    err = relative_error(out, expected)
-    assert err < tolerance(dtype).kernel, f"relative error {err:.2e}"
-    rows = row_relative_errors(out, expected, row_dims=2).view(out.shape[0], out.shape[1])
-    worst = rows.max().item()
-    assert worst < tolerance(dtype).row, f"worst row (token {divmod(rows.argmax().item(), out.shape[1])}) {worst:.2e}"
-    cls = rows[:, 0].max().item()
-    assert cls < tolerance(dtype).row, f"cls row relative error {cls:.2e}"
+    assert_kernel_close(out, expected, dtype, row_dims=2, cls_rows=True)
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -142,7 +142,8 @@ def _cmd_selftest(args: argparse.Namespace) -> int:
     from stt_fast.selftest import run_selftest
 
     items, folder = run_selftest(args.output, device=args.device, config_name=args.config, quick=args.quick,
-                                 progress=not args.quiet, echo=(lambda line: None) if args.quiet else print)
+                                 progress=not args.quiet, seed=args.seed,
+                                 echo=(lambda line: None) if args.quiet else print)
     print((folder / "SUMMARY.md").read_text())
     skipped = [i for i in items if i.status == "skipped"]
     if skipped:
@@ -238,5 +239,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--output", default="results/selftest", help="results folder (a subfolder per machine and run)")
     p.add_argument("--config", default=DEFAULT_PRESET, choices=sorted(PRESETS), help="the model to check")
     p.add_argument("--quick", action="store_true", help="fewer shapes and batch sizes")
+    p.add_argument("--seed", type=int, default=0, help="seed of the kernel checks' random inputs (a failure "
+                                                       "replays with the same seed)")
     add_quiet(p)
     p.set_defaults(func=_cmd_selftest)
