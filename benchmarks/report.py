@@ -49,7 +49,8 @@ def _machine_line(r: dict) -> str:
         g = m["gpu"]
         device = f"{g['name']} (sm {g['compute_capability']}), driver {m.get('driver')}, CUDA {m.get('cuda')}"
     else:
-        device = f"{m['cpu']}, {m['cpu_count']} cores (CPU)"
+        isa = f"; {', '.join(m['cpu_isa'])}" if m.get("cpu_isa") else ""
+        device = f"{m['cpu']}, {m['cpu_count']} cores (CPU{isa})"
     versions = ", ".join(f"{k} {m[k]}" for k in ("torch", "triton", "onnxruntime", "openvino", "tensorrt") if m.get(k))
     c = r["ceilings"]
     return (f"{device}; {versions}; measured peak {c['matmul_tflops']} TFLOP/s ({c['matmul_dtype']} "

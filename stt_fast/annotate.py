@@ -40,7 +40,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .data.video import IMAGE_SUFFIXES, VIDEO_SUFFIXES
+from .data.pipeline import ClipPipeline
+from .data.video import DEFAULT_LIMITS, IMAGE_SUFFIXES, VIDEO_SUFFIXES, ReadLimits
 from .files import sha256_file, write_text_atomic
 from .predictors import ModelSpec
 
@@ -161,16 +162,13 @@ def _clean_partial(out: Path) -> int:
 
 # --- one clip and one batch, exactly as `stt-fast predict` -----------------------------------------------
 
-def decode(path: str, num_frames: int, image_size: int, detect_face: bool) -> dict:
-    """{"path", "clip" (float32 [T, 3, S, S] or None), "warnings", "error"}: predict's loading."""
-    from .data.video import BadClipError
-    from .predict import load_for_prediction
-
-    try:
-        clip, warnings = load_for_prediction(path, num_frames, image_size, detect_face=detect_face)
-    except BadClipError as e:
-        return {"path": path, "clip": None, "warnings": "", "error": str(e)}
-    return {"path": path, "clip": clip.numpy(), "warnings": "; ".join(warnings), "error": ""}
+def decoded_row(item) -> dict:
+    """{"path", "clip" (float32 [T, 3, S, S] or None), "warnings", "error"} of a PreparedClip: predict's loading.
+    A clip without a face (detection asked for) has no clip and no error: its row carries no label and says
+    why in its warnings."""
+    warnings = item.warnings + ([item.skipped] if item.skipped else [])
+    return {"path": item.path, "clip": None if item.clip is None else item.clip.numpy(),
+            "warnings": "; ".join(warnings), "error": item.error or ""}
 
 
 class BatchPredictor:
@@ -189,7 +187,7 @@ class BatchPredictor:
         from .predict import probabilities
 
         decoded = list(decoded)
-        readable = [d for d in decoded if d["clip"] is not None and not d["error"]]
+        readable = [d for d in decoded if d["clip"] is not None]
         scored = iter(probabilities(self.predictor(torch.stack([torch.as_tensor(d["clip"]) for d in readable])),
                                     self.labels)) if readable else iter(())
         rows = []
@@ -197,7 +195,7 @@ class BatchPredictor:
             row = {"path": d["path"], "label": None, "warnings": d["warnings"] or "", "error": d["error"] or None,
                    "backend": self.predictor.name, "model_sha256": self.model_sha256}
             row |= {f"p_{name}": None for name in self.labels}
-            if d["clip"] is not None and not d["error"]:
+            if d["clip"] is not None:
                 result = next(scored)
                 row["label"] = result["label"]
                 row |= {f"p_{name}": p for name, p in result["probabilities"].items()}
@@ -206,7 +204,7 @@ class BatchPredictor:
 
     def __call__(self, batch: dict) -> dict:
         """Ray Data's batch form (columns of numpy arrays) in and out."""
-        decoded = [{"path": str(batch["path"][i]), "clip": batch["clip"][i] if not batch["error"][i] else None,
+        decoded = [{"path": str(batch["path"][i]), "clip": batch["clip"][i] if batch["readable"][i] else None,
                     "warnings": str(batch["warnings"][i]), "error": str(batch["error"][i])}
                    for i in range(len(batch["path"]))]
         rows = self.rows(decoded)
@@ -231,15 +229,20 @@ class AnnotateResult:
         return self.written / self.seconds if self.seconds else 0.0
 
 
-def _in_process(todo: list[str], spec: ModelSpec, model_sha256: str, config, batch_size: int,
-                detect_face: bool) -> Iterator[list[dict]]:
+def _in_process(todo: list[str], spec: ModelSpec, model_sha256: str, pipeline, batch_size: int) -> Iterator[list[dict]]:
+    """Batches of rows; the next batch's clips are read while the model runs on this one."""
     predictor = BatchPredictor(spec, model_sha256)
-    for start in range(0, len(todo), batch_size):
-        decoded = [decode(p, config.num_frames, config.image_size, detect_face) for p in todo[start:start + batch_size]]
+    decoded = []
+    for item in pipeline.read_ahead(todo, depth=batch_size):
+        decoded.append(decoded_row(item))
+        if len(decoded) == batch_size:
+            yield predictor.rows(decoded)
+            decoded = []
+    if decoded:
         yield predictor.rows(decoded)
 
 
-def _with_ray(todo: list[str], spec: ModelSpec, model_sha256: str, config, batch_size: int, detect_face: bool,
+def _with_ray(todo: list[str], spec: ModelSpec, model_sha256: str, pipeline, batch_size: int,
               ray_address: str, workers: int, gpus_per_worker: float, cpus_per_worker: float) -> Iterator[list[dict]]:
     try:
         import ray
@@ -253,11 +256,13 @@ def _with_ray(todo: list[str], spec: ModelSpec, model_sha256: str, config, batch
     logging.getLogger("ray.data").setLevel(logging.ERROR)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
-    frames, size = config.num_frames, config.image_size
+    frames, size = pipeline.num_frames, pipeline.image_size
 
     def decode_row(row: dict) -> dict:
-        d = decode(row["path"], frames, size, detect_face)
-        return {**d, "clip": d["clip"] if d["clip"] is not None else np.zeros((frames, 3, size, size), np.float32)}
+        d = decoded_row(pipeline.prepare(row["path"]))
+        # Ray's columns hold arrays only: a placeholder clip, marked unreadable
+        return {**d, "readable": d["clip"] is not None,
+                "clip": d["clip"] if d["clip"] is not None else np.zeros((frames, 3, size, size), np.float32)}
 
     try:
         # a block per batch, and at least one per actor where there are clips enough: no actor of the pool idles
@@ -296,7 +301,8 @@ def _plain(value):
 
 def annotate(source: str | os.PathLike, output: str | os.PathLike, *, backend: str = "reference",
              checkpoint: str | None = None, onnx: str | None = None, engine: str | None = None,
-             device: str | None = None, batch_size: int = 16, detect_face: bool = False, fmt: str | None = None,
+             device: str | None = None, batch_size: int = 16, detect_face: bool = False, no_face: str = "skip",
+             limits: ReadLimits = DEFAULT_LIMITS, fmt: str | None = None,
              ray_address: str | None = None, workers: int = 1, gpus_per_worker: float = 0.0,
              cpus_per_worker: float = 1.0, on_batch: Callable[[int, int, int], None] | None = None,
              retry_failed: bool = False) -> AnnotateResult:
@@ -342,9 +348,11 @@ def annotate(source: str | os.PathLike, output: str | os.PathLike, *, backend: s
     if on_batch:
         on_batch(len(paths) - len(todo), len(paths), 0)
     if todo:
-        batches = (_with_ray(todo, spec, model_sha256, config, batch_size, detect_face, ray_address, workers,
+        pipeline = ClipPipeline(config.num_frames, config.image_size, detect_face=detect_face, no_face=no_face,
+                                limits=limits)
+        batches = (_with_ray(todo, spec, model_sha256, pipeline, batch_size, ray_address, workers,
                              gpus_per_worker, cpus_per_worker) if ray_address
-                   else _in_process(todo, spec, model_sha256, config, batch_size, detect_face))
+                   else _in_process(todo, spec, model_sha256, pipeline, batch_size))
         for rows in batches:
             write_part(out, rows, fmt, columns)
             written += len(rows)

@@ -41,6 +41,39 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+# The instruction sets that decide what a CPU backend can run fast: bf16 and int8 (VNNI, AMX) units.
+ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8")
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (/proc/cpuinfo; empty where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_isa(flags: set[str] | None = None) -> list[str]:
+    """The ISA_FLAGS among flags (this CPU's by default), in ISA_FLAGS' order."""
+    flags = cpu_flags() if flags is None else flags
+    return [name for name in ISA_FLAGS if name in flags]
+
+
+def isa_tag(isa: list[str]) -> str:
+    """A short name for a CPU's vector units, for result folders: 'amx', 'avx512-bf16-vnni', 'avx2'..."""
+    if "amx_bf16" in isa:
+        return "amx"
+    if "avx512f" in isa:
+        return "-".join(["avx512"] + [n for n, f in (("bf16", "avx512_bf16"), ("vnni", "avx512_vnni")) if f in isa])
+    if "avx2" in isa:
+        return "avx2-vnni" if "avx_vnni" in isa else "avx2"
+    return ""
+
+
 def nvidia_driver_version() -> str | None:
     if not shutil.which("nvidia-smi"):
         return None
@@ -66,6 +99,7 @@ def environment_info() -> dict[str, Any]:
         "platform": platform.platform(),
         "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
+        "cpu_isa": cpu_isa(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
@@ -83,5 +117,5 @@ def machine_slug(info: dict[str, Any] | None = None, device: str = "auto") -> st
     if info["gpus"] and device != "cpu":
         label = info["gpus"][0]["name"]
     else:
-        label = f"cpu {info['cpu']} {info['cpu_count']}c"
+        label = f"cpu {info['cpu']} {info['cpu_count']}c {isa_tag(info.get('cpu_isa', []))}"
     return re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")

@@ -520,7 +520,7 @@ def summary(items: list[Item], header: dict, config_name: str, stamp: str, seed:
     gpu = header.get("gpu")
     device = (f"{gpu['name']} (compute capability {gpu['compute_capability']}, {gpu.get('memory_gib')} GiB), "
               f"driver {header.get('driver')}, CUDA {header.get('cuda')}") if gpu else \
-        f"{header['cpu']} ({header['cpu_count']} cores), no GPU"
+        f"{header['cpu']} ({header['cpu_count']} cores; {', '.join(header.get('cpu_isa', []))}), no GPU"
     versions = ", ".join(f"{k} {header[k]}" for k in ("torch", "triton", "onnxruntime", "openvino", "tensorrt")
                          if header.get(k))
     counts = {s: sum(i.status == s for i in items) for s in ("passed", "failed", "skipped")}

@@ -177,7 +177,7 @@ class Timeline:
             if box is None:
                 return None
             chw = crop_square(chw, box)
-        return (resize(chw.unsqueeze(0), self.size)[0] * 255).round().to(torch.uint8)
+        return resize(chw.unsqueeze(0), self.size, dtype=torch.uint8)[0]
 
     def push(self, frame, timestamp: float) -> list[WindowResult]:
         """One source frame (uint8 [H, W, 3] RGB) at `timestamp` seconds -> the windows it completed."""

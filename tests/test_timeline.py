@@ -226,9 +226,33 @@ def test_cli_bad_sources_are_one_line_and_status_2(video_and_checkpoint, tmp_pat
 
 
 def test_cli_a_video_shorter_than_one_window(video_and_checkpoint, tmp_path):
+    """Nothing on stdout (no stray 'segments:'), one line on stderr with a window that fits, which then runs."""
     result = _cli("timeline", video_and_checkpoint[0], "--checkpoint", video_and_checkpoint[1], "--window", "10",
                   "--stride", "1", cwd=tmp_path)
-    assert result.returncode == 2 and "shorter than one window" in result.stderr
+    assert result.returncode == 2 and "shorter than one window" in result.stderr and result.stdout == ""
+    errors = [line for line in result.stderr.splitlines() if line.startswith("stt-fast timeline: error")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr and "60 frame(s) over 2.95 s" in errors[0]
+    suggested = errors[0].split("try ")[1].split()
+    assert suggested[0] == "--window" and suggested[2] == "--stride"
+    fits = _cli("timeline", video_and_checkpoint[0], "--checkpoint", video_and_checkpoint[1], *suggested, "--json",
+                cwd=tmp_path)
+    assert fits.returncode == 0 and json.loads(fits.stdout)["windows"], fits.stderr
+
+
+def test_the_frame_grid_keeps_exactly_the_frames_the_timeline_uses():
+    """A source that converts only the frames FrameGrid keeps gives the timeline the same windows as every frame."""
+    from stt_fast.data.stream import FrameGrid
+
+    model = trained_looking(TINY)
+    frames = _frames(70)
+    every = _run(model, frames, window=1.0, stride=0.25)
+    grid = FrameGrid(every.step)
+    kept = Timeline(model, window=1.0, stride=0.25)
+    for i, frame in enumerate(frames):
+        if grid(i / 25):
+            kept.push(frame, i / 25)
+    assert kept.frames_seen < len(frames) / 2
+    assert [r.logits for r in kept.results] == [r.logits for r in every.results]
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,17 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .common import add_backend_args, add_quiet, device_name, non_negative_float, positive_float, positive_int
+from .common import (
+    add_backend_args,
+    add_face_args,
+    add_limit_args,
+    add_quiet,
+    device_name,
+    limits_from_args,
+    non_negative_float,
+    positive_float,
+    positive_int,
+)
 
 
 def _cmd_annotate(args: argparse.Namespace) -> int:
@@ -26,7 +36,8 @@ def _cmd_annotate(args: argparse.Namespace) -> int:
 
     result = annotate(args.source, args.output, backend=args.backend, checkpoint=args.checkpoint, onnx=args.onnx,
                       engine=args.engine, device=args.device, batch_size=args.batch_size, detect_face=args.detect_face,
-                      fmt=args.format, ray_address=args.ray, workers=args.workers,
+                      no_face=args.no_face, limits=limits_from_args(args), fmt=args.format, ray_address=args.ray,
+                      workers=args.workers,
                       gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker, on_batch=on_batch,
                       retry_failed=args.retry_failed)
     bar.close()
@@ -59,7 +70,8 @@ def add_parsers(sub) -> None:
                    help="GPUs per actor (with --ray; 1 = one model or engine per GPU)")
     p.add_argument("--cpus-per-worker", type=positive_float, default=1.0, help="CPUs per actor (with --ray)")
     p.add_argument("--batch-size", type=positive_int, default=16, help="clips per batch (and per part file)")
-    p.add_argument("--detect-face", action="store_true", help="detect and crop the face (OpenCV)")
+    add_face_args(p)
+    add_limit_args(p)
     p.add_argument("--retry-failed", action="store_true",
                    help="annotate again the clips whose rows in OUT hold an error (unreadable before)")
     p.add_argument("--device", default=None, type=device_name,

@@ -124,12 +124,55 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_backend_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backend", default="reference", choices=["reference", "compiled", "onnx", "tensorrt"],
-                   help="reference (the PyTorch model), compiled (stt_fast.compile), onnx (ONNX Runtime on an "
-                        "exported graph) or tensorrt (an engine)")
+    p.add_argument("--backend", default="compiled", choices=["compiled", "reference", "onnx", "tensorrt"],
+                   help="compiled (stt_fast.compile: the fastest backend this machine has, checked against the "
+                        "reference, which it falls back to), reference (the PyTorch model as written), onnx (ONNX "
+                        "Runtime on an exported graph) or tensorrt (an engine)")
     p.add_argument("--checkpoint", help="an stt_fast checkpoint (reference and compiled backends)")
     p.add_argument("--onnx", help="an exported ONNX file (onnx backend)")
     p.add_argument("--engine", help="a TensorRT engine with its sidecar (tensorrt backend)")
+
+
+def frame_size(text: str) -> int:
+    """'WIDTHxHEIGHT' (or a pixel count) -> pixels per frame."""
+    try:
+        if "x" in text.lower():
+            width, height = (int(v) for v in text.lower().split("x"))
+            value = width * height if width > 0 and height > 0 else 0
+        else:
+            value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT (e.g. 3840x2160) or a pixel count, got {text!r}")
+    return value
+
+
+def add_face_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--detect-face", action="store_true", help="detect and crop the face (OpenCV)")
+    p.add_argument("--no-face", default="skip", choices=("skip", "full", "error"),
+                   help="with --detect-face, a clip without a face: skipped and not labelled, labelled from its full "
+                        "frames (with a warning), or an error")
+
+
+def add_limit_args(p: argparse.ArgumentParser, frame_size_default: str = "4096x2160",
+                   seconds_default: float | None = None, frames_default: int | None = None) -> None:
+    """--max-frame-size, --max-seconds, --max-frames: a video beyond them is refused before it is decoded
+    (defaults: stt_fast.data.video.ReadLimits')."""
+    from stt_fast.data.video import DEFAULT_LIMITS
+
+    p.add_argument("--max-frame-size", type=frame_size, default=frame_size_default, metavar="WxH",
+                   help="largest frame to decode, as WIDTHxHEIGHT or a pixel count")
+    p.add_argument("--max-seconds", type=positive_float, default=seconds_default or DEFAULT_LIMITS.max_seconds,
+                   help="longest video to read")
+    p.add_argument("--max-frames", type=positive_int, default=frames_default or DEFAULT_LIMITS.max_frames,
+                   help="most frames a video may hold")
+
+
+def limits_from_args(args):
+    from stt_fast.data.video import ReadLimits
+
+    return ReadLimits(max_frame_pixels=args.max_frame_size, max_seconds=args.max_seconds, max_frames=args.max_frames)
 
 
 def predictor_from_args(args):

@@ -45,7 +45,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     env = report["environment"]
     print("environment:")
     print(f"  python {env['python']}, torch {env['torch']} (CUDA {env['cuda']}), {env['platform']}")
-    print(f"  cpu: {env['cpu']} ({env['cpu_count']} cores)")
+    print(f"  cpu: {env['cpu']} ({env['cpu_count']} cores; {', '.join(env['cpu_isa']) or 'no AVX2'})")
     for i, gpu in enumerate(env["gpus"]):
         print(f"  gpu {i}: {gpu['name']}, compute capability {gpu['compute_capability']}, "
               f"{gpu['memory_gib']} GiB, driver {env['driver']}")

@@ -6,7 +6,16 @@ import argparse
 import json
 import sys
 
-from .common import add_backend_args, add_quiet, device_name, positive_int, predictor_from_args
+from .common import (
+    add_backend_args,
+    add_face_args,
+    add_limit_args,
+    add_quiet,
+    device_name,
+    limits_from_args,
+    positive_int,
+    predictor_from_args,
+)
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
@@ -14,7 +23,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     predictor = predictor_from_args(args)
     results = predict_paths(args.paths, predictor, detect_face=args.detect_face, batch_size=args.batch_size,
-                            no_face=args.no_face)
+                            no_face=args.no_face, limits=limits_from_args(args))
     for r in results:
         for warning in r.get("warnings", []):
             print(f"stt-fast predict: warning: {r['path']}: {warning}", file=sys.stderr)
@@ -42,10 +51,8 @@ def add_parsers(sub) -> None:
     p = sub.add_parser("predict", help="video files or frame folders in, emotions out")
     p.add_argument("paths", nargs="+", help="video files or folders of frames")
     add_backend_args(p)
-    p.add_argument("--detect-face", action="store_true", help="detect and crop the face (OpenCV)")
-    p.add_argument("--no-face", default="full", choices=("full", "skip", "error"),
-                   help="with --detect-face, a clip without a face: predicted on its full frames with a warning, "
-                        "skipped, or an error")
+    add_face_args(p)
+    add_limit_args(p)
     p.add_argument("--json", action="store_true",
                    help='one JSON line per path: {"path", "label", "probabilities", "warnings"}, {"path", "error"} '
                         'or {"path", "skipped"}')

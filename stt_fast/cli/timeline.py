@@ -77,14 +77,26 @@ def _frame_model(args):
     return predictor, predictor.name
 
 
+def _too_short(grid, frames_per_window: int, window: float) -> str:
+    """Why a source gave no window, and a window that fits it: a window completes at the frame at or after
+    first + (T - 1) / T * window."""
+    span = grid.span
+    fits = int(span * frames_per_window / (frames_per_window - 1) * 10) / 10 if frames_per_window > 1 else 0.0
+    text = f"{grid.seen} frame(s) over {span:.2f} s, shorter than one window ({window:g} s)"
+    if fits >= 0.1:
+        text += f": try --window {fits:g} --stride {round(fits / 4, 3):g}"
+    return text
+
+
 def run(args: argparse.Namespace) -> int:
     from stt_fast.data.face import haar_detector
-    from stt_fast.data.stream import BadSourceError, LiveReader, open_source
+    from stt_fast.data.stream import BadSourceError, FrameGrid, LiveReader, open_source
     from stt_fast.files import refuse_to_replace, write_text_atomic
     from stt_fast.timeline import Timeline, plot_timeline, segments, windows_csv
 
     refuse_to_replace([p for p in (args.csv, args.plot) if p], args.force)
-    frames, info = open_source(args.source, fps=args.fps)  # a bad source: one line, before the model loads
+    grid = FrameGrid()  # only the frames on the timeline's grid are converted (its step is known once the model is)
+    frames, info = open_source(args.source, fps=args.fps, keep=grid)  # a bad source: one line, before the model
     model, name = _frame_model(args)
     timeline = Timeline(model, window=args.window, stride=args.stride, cache=not args.no_cache,
                         detector=haar_detector() if args.detect_face else None, face_every=args.face_every,
@@ -92,9 +104,12 @@ def run(args: argparse.Namespace) -> int:
     if not timeline.cache and not args.no_cache:
         print(f"stt-fast timeline: the {name} backend runs whole windows only: each window from scratch",
               file=sys.stderr)
+    grid.step = timeline.step
     live = args.realtime or info["live"]
-    reader = LiveReader(frames, capacity=2 * timeline.stride_steps, pace=args.realtime and not info["live"]) \
-        if live else None
+    # live: a bounded buffer that drops the oldest frames when inference falls behind; a recording: read ahead
+    # on the reader's thread while the model runs, waiting for room rather than dropping
+    reader = LiveReader(frames, capacity=2 * timeline.stride_steps, pace=args.realtime and not info["live"],
+                        drop=live)
     started, last_report = time.monotonic(), time.monotonic()
     interrupted, failure = False, None
 
@@ -105,12 +120,11 @@ def run(args: argparse.Namespace) -> int:
         parts = [f"{len(done)} windows", f"{len(done) / elapsed:.2f} windows/s"]
         if latency:
             parts.append(f"latency {latency[len(latency) // 2] * 1000:.0f} ms")
-        if reader is not None:
-            parts.append(f"{reader.dropped} of {reader.read} frames dropped")
+        parts.append(f"{reader.dropped} of {reader.read} frames dropped")
         print(f"[timeline] {', '.join(parts)}{' (done)' if final else ''}", file=sys.stderr, flush=True)
 
     try:
-        for frame, stamp in (reader if reader is not None else frames):
+        for frame, stamp in reader:
             for result in timeline.push(frame, stamp):
                 if not args.json and not args.quiet:
                     label = result.label or "no face"
@@ -124,8 +138,11 @@ def run(args: argparse.Namespace) -> int:
     except BadSourceError as e:  # a stream that breaks off: keep what was done
         failure = str(e)
     finally:
-        if reader is not None:
-            reader.stop()
+        reader.stop()
+    if not timeline.results and not failure and not interrupted:  # nothing printed before this line
+        reason = _too_short(grid, timeline.frames_per_window, args.window)
+        print(f"stt-fast timeline: error: {args.source}: {reason}", file=sys.stderr)
+        return 2
     found = segments(timeline.results)
     if args.csv:
         write_text_atomic(args.csv, windows_csv(timeline.results, timeline.labels))
@@ -135,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
     summary = {"source": str(args.source), "backend": name, "window": args.window, "stride": timeline.stride,
                "frames": timeline.frames_seen, "windows": len(timeline.results),
                "backbone_frames": timeline.backbone_frames, "frame_cache": timeline.cache,
-               "dropped_frames": reader.dropped if reader is not None else 0, "interrupted": interrupted,
+               "dropped_frames": reader.dropped, "interrupted": interrupted,
                "error": failure}
     if args.json:
         print(json.dumps({"windows": [r.to_dict() for r in timeline.results],
@@ -150,10 +167,6 @@ def run(args: argparse.Namespace) -> int:
     if failure:
         print(f"stt-fast timeline: error: {failure} (the {len(timeline.results)} windows before it were kept)",
               file=sys.stderr)
-        return 2
-    if not timeline.results:
-        print(f"stt-fast timeline: error: {args.source}: {timeline.frames_seen} frame(s), shorter than one window "
-              f"({args.window:g} s)", file=sys.stderr)
         return 2
     if interrupted:
         print("stt-fast timeline: interrupted; what was done is written", file=sys.stderr)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import csv
 import os
 import random
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,8 +26,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from stt_fast.config import EMOTIONS
 
+from .pipeline import ClipPipeline
 from .sampling import sample_indices, segments_for
-from .transforms import eval_transform, train_transform
+from .transforms import train_transform
 from .video import VIDEO_SUFFIXES, BadClipError, read_clip
 
 DFEW_FRAMES_DIR = Path("Clip") / "clip_224x224"
@@ -121,29 +121,18 @@ def class_folder_items(root: str | os.PathLike) -> list[ClipItem]:
 
 
 def load_clip(path: str | os.PathLike, *, num_frames: int, image_size: int, train: bool = False,
-              crop_scale: tuple[float, float] = (0.08, 1.0),
-              prepare: Callable[[torch.Tensor], torch.Tensor] | None = None,
-              source: dict | None = None) -> torch.Tensor:
+              crop_scale: tuple[float, float] = (0.08, 1.0)) -> torch.Tensor:
     """One clip ready for the model: float32 [num_frames, 3, image_size, image_size] in [0, 1].
 
-    Frames sampled TSN-style (2 per segment; random offsets when train), `prepare` applied to the raw
-    uint8 frames (a face crop, for prediction), then the training or test transform. source: when
-    given, receives what the clip had before sampling and resizing: "frames" (how many there were) and
-    "size" ((H, W) after prepare).
-    """
+    Testing: the clip pipeline of `stt-fast predict` (stt_fast.data.pipeline; segment centres, resize), so
+    that eval scores what predict labels. Training: frames sampled at random offsets in their segments,
+    read at full size, then the random resized crop and flip (stt_fast.data.transforms)."""
+    if not train:
+        return ClipPipeline(num_frames, image_size).load(path)[0]
     segments = segments_for(num_frames)
-
-    def choose(available: int) -> list[int]:
-        if source is not None:
-            source["frames"] = available
-        return sample_indices(available, segments=segments, frames_per_segment=2, train=train, rng=random)
-
-    frames = read_clip(path, choose)
-    if prepare is not None:
-        frames = prepare(frames)
-    if source is not None:
-        source["size"] = tuple(frames.shape[-2:])
-    return train_transform(frames, image_size, scale=crop_scale) if train else eval_transform(frames, image_size)
+    frames = read_clip(path, lambda available: sample_indices(available, segments=segments, frames_per_segment=2,
+                                                              train=True, rng=random))
+    return train_transform(frames, image_size, scale=crop_scale)
 
 
 class ClipDataset(Dataset):

@@ -285,8 +285,10 @@ class Gateway:
         if upload.kind == "npy":
             clip, warnings = clip_from_npy(upload.data, frames, size), []
         else:
-            clip, warnings = await asyncio.to_thread(clip_from_video, upload.data, upload.suffix, frames, size,
-                                                     detect_face=detect_face)
+            from stt_fast.data.pipeline import ClipPipeline
+
+            pipeline = ClipPipeline(frames, size, detect_face=detect_face, no_face="full")
+            clip, warnings = await asyncio.to_thread(clip_from_video, upload.data, upload.suffix, pipeline)
         row = await self.classify(clip)
         return {"label": row["label"], "probabilities": row["probabilities"], "warnings": warnings,
                 "backend": facts["backend"], "checkpoint_sha256": facts["checkpoint_sha256"],

@@ -91,19 +91,17 @@ def clip_from_npy(data: bytes, num_frames: int, image_size: int) -> torch.Tensor
     return torch.from_numpy(np.ascontiguousarray(array)).float() / 255
 
 
-def clip_from_video(data: bytes, suffix: str, num_frames: int, image_size: int, *,
-                    detect_face: bool = False) -> tuple[torch.Tensor, list[str]]:
-    """A video file's bytes -> (float32 [T, 3, S, S] clip, warnings), decoded, sampled, cropped and resized
-    exactly as `stt-fast predict` does it; 400 with the decoder's reason for a file it cannot read."""
+def clip_from_video(data: bytes, suffix: str, pipeline) -> tuple[torch.Tensor, list[str]]:
+    """A video file's bytes -> (float32 [T, 3, S, S] clip, warnings), through `pipeline` (a ClipPipeline:
+    what `stt-fast predict` does); 400 with the decoder's reason for a file it cannot read."""
     from stt_fast.data.video import BadClipError
-    from stt_fast.predict import load_for_prediction
 
     with tempfile.TemporaryDirectory(prefix="stt_fast-upload-") as folder:
         path = os.path.join(folder, f"upload{suffix}")
         with open(path, "wb") as f:
             f.write(data)
         try:
-            clip, warnings = load_for_prediction(path, num_frames, image_size, detect_face=detect_face)
+            clip, warnings = pipeline.load(path)
         except BadClipError as e:
             reason = str(e).replace(path, "upload")
             raise UploadError(400, f"the uploaded file could not be read as a video: {reason}") from None
