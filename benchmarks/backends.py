@@ -2,19 +2,26 @@
 
 Peers (what a user would run instead of stt_fast):
     eager-fp32            the reference model, float32 (also the suite's accuracy reference)
-    eager-fp16/-bf16      the reference model under autocast (GPU)
+    eager-fp16/-bf16      the reference model under autocast (GPU; bf16 also on CPUs with native bf16)
     torch-compile         torch.compile of the reference (mode max-autotune on a GPU, default on the CPU,
                           where max-autotune has nothing to tune)
     torch-compile-fp16    the same under fp16 autocast (GPU)
     onnxruntime-plain-fp32  ONNX Runtime on a plain torch.onnx.export of the reference (CUDA EP on a GPU
                           when present), as a user would export it
     openvino-fp32         OpenVINO (CPU plugin, f32 inference precision) on that same plain export
+    openvino-default      the same as a user gets it, no precision asked for: OpenVINO computes in bf16 on
+                          CPUs with native bf16 (its documented default), else in f32; its row's precision
+                          says which
     torch-tensorrt-fp16   Torch-TensorRT compile of the reference (GPU, when installed)
 Ours:
-    stt_fast-fp32/-fp16/-bf16   stt_fast.compile in each precision, its default backend (half precisions
-                          on a GPU); on the CPU that default is ONNX Runtime on stt_fast's graph
+    stt_fast-fp32/-fp16/-bf16   stt_fast.compile in each precision, its default backend (fp16 on a GPU,
+                          bf16 on a GPU or a CPU with native bf16); on the CPU that default is OpenVINO on
+                          stt_fast's graph
     stt_fast-torch-fp32   stt_fast.compile(backend="torch"): the PyTorch-only path
     stt_fast-onnxruntime-fp32/-fp16   stt_fast's exported graph (the rewritten program) in ONNX Runtime
+    stt_fast-int8         stt_fast's program quantised to int8 (stt-fast quantize; calibrated on the suite's
+                          random probe clips, so its accuracy here is a floor), run by OpenVINO, on CPUs with
+                          VNNI or AMX-INT8
     tensorrt-fp16         stt_fast.compile(backend="tensorrt") (TensorRT and a GPU)
 """
 
@@ -62,6 +69,31 @@ class Backend:
 
 def _needs_cuda(device: torch.device) -> str | None:
     return None if device.type == "cuda" else "half precision backends run on a CUDA GPU in this suite"
+
+
+def _cpu_bf16() -> str | None:
+    """This CPU's native bf16 instruction set, or None (the hardware's, whatever stt_fast.compile assumes)."""
+    from stt_fast.compiler.precision import native_bf16
+    from stt_fast.environment import cpu_isa
+
+    return native_bf16(cpu_isa())
+
+
+def _openvino_default_precision() -> str:
+    """What OpenVINO's CPU plugin computes in when not told: asked of OpenVINO itself ("fp32" without it)."""
+    try:
+        import openvino as ov
+
+        hint = str(ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT")).lower()
+    except Exception:
+        return "fp32"
+    return "bf16" if "bf16" in hint or "bfloat16" in hint else "fp16" if "f16" in hint else "fp32"
+
+
+def _needs_bf16_units(device: torch.device) -> str | None:
+    if device.type == "cuda" or _cpu_bf16():
+        return None
+    return "this CPU has no native bf16 arithmetic (avx512_bf16 or amx_bf16): bf16 would be emulated"
 
 
 def _needs(*modules: str, extra: str):
@@ -156,6 +188,35 @@ def _stt_fast(dtype: torch.dtype, backend: str = "auto"):
     return build
 
 
+def _int8_unavailable(device: torch.device) -> str | None:
+    from stt_fast.export.quantize import int8_units
+
+    from stt_fast.environment import cpu_isa
+
+    if device.type != "cpu":
+        return "int8 runs on the CPU in this suite"
+    if not int8_units(cpu_isa()):
+        return "this CPU has no int8 dot-product units (VNNI or AMX-INT8): int8 was slower than float32 on such a CPU"
+    return _needs("openvino", "onnxruntime", "onnxscript", extra="openvino")(device)
+
+
+def _stt_fast_int8(model: STT, device: torch.device, workdir: Path) -> Built:
+    def make():
+        from stt_fast.export.quantize import openvino_session, quantize_program
+
+        from stt_fast.compiler.validation import probe_clips
+
+        path = quantize_program(model, [probe_clips(model, batch=4, seed=s) for s in range(4)],
+                                workdir / "program.int8.onnx", cache_dir=workdir / "cache-int8")
+        from stt_fast.inputs import clips_to_float
+
+        run = openvino_session(path)
+        return (lambda clips: torch.from_numpy(run(clips_to_float(clips.cpu()).numpy()))), path.stat().st_size, \
+            "OpenVINO on the int8 graph (calibrated on 16 random probe clips)"
+
+    return _timed(make, device, input_device=torch.device("cpu"))
+
+
 def _ort_unavailable(device: torch.device) -> str | None:
     return _needs("onnxruntime", "onnxscript", extra="export")(device)
 
@@ -222,25 +283,30 @@ def _openvino_unavailable(device: torch.device) -> str | None:
     return _needs("openvino", "onnxscript", extra="openvino")(device)
 
 
-def _openvino(model: STT, device: torch.device, workdir: Path) -> Built:
-    def make():
-        import numpy as np
-        import openvino as ov
+def _openvino(hint: str | None):
+    """OpenVINO on the plain export: with an inference precision hint ("f32"), or as a user gets it (None)."""
+    def build(model: STT, device: torch.device, workdir: Path) -> Built:
+        def make():
+            import numpy as np
+            import openvino as ov
 
-        path = _plain_onnx(model, workdir)
-        # f32 inference precision: on CPUs with bf16 units OpenVINO would otherwise compute in bf16
-        compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32",
-                                                              "PERFORMANCE_HINT": "LATENCY"})
-        request = compiled.create_infer_request()
+            path = _plain_onnx(model, workdir)
+            config = {"PERFORMANCE_HINT": "LATENCY"} | ({"INFERENCE_PRECISION_HINT": hint} if hint else {})
+            compiled = ov.Core().compile_model(str(path), "CPU", config)
+            request = compiled.create_infer_request()
+            used = compiled.get_property("INFERENCE_PRECISION_HINT")
 
-        def run(clips):
-            request.infer({0: np.ascontiguousarray(clips.cpu().numpy())})
-            return torch.from_numpy(request.get_output_tensor(0).data.copy())
+            def run(clips):
+                request.infer({0: np.ascontiguousarray(clips.cpu().numpy())})
+                return torch.from_numpy(request.get_output_tensor(0).data.copy())
 
-        return run, path.stat().st_size, (f"OpenVINO {ov.__version__} CPU plugin, f32, latency hint, on "
-                                          "torch.onnx.export of the reference model")
+            asked = hint or "no precision asked for"
+            return run, path.stat().st_size, (f"OpenVINO {ov.__version__} CPU plugin, {asked} (computes in {used}), "
+                                              "latency hint, on torch.onnx.export of the reference model")
 
-    return _timed(make, device, input_device=torch.device("cpu"))
+        return _timed(make, device, input_device=torch.device("cpu"))
+
+    return build
 
 
 def _tensorrt_unavailable(device: torch.device) -> str | None:
@@ -290,18 +356,21 @@ def _torch_tensorrt(model: STT, device: torch.device, workdir: Path) -> Built:
 BACKENDS: dict[str, Backend] = {b.name: b for b in [
     Backend("eager-fp32", "fp32", "peer", lambda d: None, _eager(None)),
     Backend("eager-fp16", "fp16", "peer", _needs_cuda, _eager(torch.float16)),
-    Backend("eager-bf16", "bf16", "peer", _needs_cuda, _eager(torch.bfloat16)),
+    Backend("eager-bf16", "bf16", "peer", _needs_bf16_units, _eager(torch.bfloat16)),
     Backend("torch-compile", "fp32", "peer", _torch_compile_unavailable, _torch_compile(None)),
     Backend("torch-compile-fp16", "fp16", "peer", _torch_compile_fp16_unavailable, _torch_compile(torch.float16)),
     Backend("onnxruntime-plain-fp32", "fp32", "peer", _ort_unavailable, _onnxruntime_plain),
-    Backend("openvino-fp32", "fp32", "peer", _openvino_unavailable, _openvino),
+    Backend("openvino-fp32", "fp32", "peer", _openvino_unavailable, _openvino("f32")),
+    # its precision: what OpenVINO computes in here when not told (bf16 where the CPU has native bf16)
+    Backend("openvino-default", _openvino_default_precision(), "peer", _openvino_unavailable, _openvino(None)),
     Backend("torch-tensorrt-fp16", "fp16", "peer", _torch_tensorrt_unavailable, _torch_tensorrt),
     Backend("stt_fast-fp32", "fp32", "ours", lambda d: None, _stt_fast(torch.float32), "program"),
     Backend("stt_fast-fp16", "fp16", "ours", _needs_cuda, _stt_fast(torch.float16), "program"),
-    Backend("stt_fast-bf16", "bf16", "ours", _needs_cuda, _stt_fast(torch.bfloat16), "program"),
+    Backend("stt_fast-bf16", "bf16", "ours", _needs_bf16_units, _stt_fast(torch.bfloat16), "program"),
     Backend("stt_fast-torch-fp32", "fp32", "ours", lambda d: None, _stt_fast(torch.float32, "torch"), "program"),
     Backend("stt_fast-onnxruntime-fp32", "fp32", "ours", _ort_unavailable, _onnxruntime_ours("fp32"), "program"),
     Backend("stt_fast-onnxruntime-fp16", "fp16", "ours", _ort_unavailable, _onnxruntime_ours("fp16"), "program"),
+    Backend("stt_fast-int8", "int8", "ours", _int8_unavailable, _stt_fast_int8, "program"),
     Backend("tensorrt-fp16", "fp16", "ours", _tensorrt_unavailable, _tensorrt, "program"),
 ]}
 REFERENCE = "eager-fp32"

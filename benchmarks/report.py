@@ -63,7 +63,7 @@ def timed(record: dict | None) -> list[dict]:
 
 
 def precision_family(precision: str) -> str:
-    return "fp32" if precision == "fp32" else "half"
+    return precision if precision in ("fp32", "int8") else "half"
 
 
 def fastest_peers(records: list[dict]) -> dict[tuple[str, int], tuple[float, str]]:

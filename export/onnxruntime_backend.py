@@ -57,6 +57,9 @@ def compile_onnxruntime(model: STT, *, device: torch.device, dtype: torch.dtype,
 
     if not onnxruntime_available():
         raise ImportError("backend 'onnxruntime' needs onnxruntime and onnxscript: pip install 'stt-fast[export]'")
+    if dtype == torch.bfloat16:
+        raise ValueError("backend 'onnxruntime' has no bfloat16 kernels for this program's operators on its CPU "
+                         "provider: use backend 'openvino' or 'torch' for bfloat16")
     precision = graph_precision(dtype, "onnxruntime")
     if device.type == "cuda":
         import onnxruntime as ort

@@ -41,6 +41,10 @@ TOLERANCES: dict[torch.dtype, Tolerance] = {
     torch.float32: Tolerance(kernel=1e-5, model=1e-4),
     torch.float16: Tolerance(kernel=2e-3, model=5e-3),
     torch.bfloat16: Tolerance(kernel=1e-2, model=3e-2),
+    # int8 (stt-fast quantize: static, per-channel weights, calibrated activations) moves logits by ~2e-2 on
+    # the synthetic-trained tiny model; its real measure is label agreement and WAR/UAR, reported beside it.
+    # This bound only tells a working quantised graph from a broken one.
+    torch.int8: Tolerance(kernel=1e-1, model=1e-1),
 }
 
 

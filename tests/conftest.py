@@ -15,6 +15,11 @@ os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="stt_fast-test-cache-")
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# stt_fast.compile's automatic precision follows the CPU (bfloat16 where it has native bf16): the suite pins
+# an AVX2 CPU's choice (float32), in this process and the commands it starts, so that its results do not
+# depend on the machine CI lands on; tests of the choice itself set the instruction sets they need.
+os.environ["STT_FAST_CPU_ISA"] = "avx2"
+
 import pytest
 
 atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], ignore_errors=True)  # nothing left behind in /tmp

@@ -11,18 +11,19 @@ import torch
 from stt_fast.benchmarks import bench_st_attention
 from stt_fast.benchmarks.backends import BACKENDS
 from stt_fast.benchmarks.harness import failures, run_suite
-from stt_fast.benchmarks.report import compare, load_results, markdown, plots
+from stt_fast.benchmarks.report import compare, load_results, markdown, plots, precision_family
 from stt_fast.benchmarks.timing import measure, measure_interleaved, percentile
 
 import stt_fast
 from stt_fast import STT, get_config, save_checkpoint
-from stt_fast.accuracy import relative_error
+from stt_fast.accuracy import relative_error, tolerance
 from stt_fast.cli import main
 from stt_fast.flops import model_cost, program_flops
 from tests.helpers import trained_looking
 
 CPU_BACKENDS = [name for name, b in BACKENDS.items() if b.unavailable(torch.device("cpu")) is None]
-PEERS_ON_THE_CPU = {"eager-fp32", "torch-compile", "onnxruntime-plain-fp32", "openvino-fp32"}
+PEERS = {name for name, b in BACKENDS.items() if b.role == "peer"}
+PEERS_ON_THE_CPU = {"eager-fp32", "torch-compile", "onnxruntime-plain-fp32", "openvino-fp32", "openvino-default"}
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +50,7 @@ def test_every_cpu_backend_runs_and_writes_every_field(suite):
     assert not failures(result)
     for name in CPU_BACKENDS:
         record = by_name[name]
-        assert record["role"] == ("peer" if name in PEERS_ON_THE_CPU else "ours")
+        assert record["role"] == ("peer" if name in PEERS else "ours")
         assert record["build_seconds"] >= 0 and record["size_bytes"] > 0
         assert [b["batch"] for b in record["batches"]] == [1, 2]
         for b in record["batches"]:
@@ -57,10 +58,14 @@ def test_every_cpu_backend_runs_and_writes_every_field(suite):
             assert 0 < t["min_ms"] <= t["median_ms"] <= t["p90_ms"] <= t["p99_ms"]
             assert b["clips_per_second"] > 0 and b["fraction_of_peak"] > 0 and b["peak_memory_mb"] > 0
             assert b["first_call_ms"] > 0 and b["speedup_vs_eager_fp32"] > 0
-            assert (b["vs_fastest_peer"] > 0) if record["precision"] == "fp32" else "vs_fastest_peer" not in b
-            assert b["accuracy"]["top1_agreement"] == 1.0
-            limit = 5e-3 if record["precision"] == "fp16" else 1e-4
-            assert b["accuracy"]["relative_error"] < limit
+            family_peers = [n for n in CPU_BACKENDS if n in PEERS
+                            and precision_family(BACKENDS[n].precision) == precision_family(record["precision"])]
+            assert (b["vs_fastest_peer"] > 0) if family_peers else "vs_fastest_peer" not in b
+            if record["precision"] == "fp32":  # reduced precisions may flip a close call of the random tiny model
+                assert b["accuracy"]["top1_agreement"] == 1.0
+            dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
+                     "int8": torch.int8}[record["precision"]]
+            assert b["accuracy"]["relative_error"] < tolerance(dtype).model
     for name in set(BACKENDS) - set(CPU_BACKENDS):
         assert by_name[name]["skipped"]
     default = by_name["stt_fast-fp32"]["notes"]
@@ -87,13 +92,13 @@ def test_ratios_are_those_of_the_recorded_medians(suite):
     for batch_index in (0, 1):
         medians = {name: r["batches"][batch_index]["timing"]["median_ms"] for name, r in records.items()
                    if "batches" in r and r["precision"] == "fp32"}
-        fastest_peer = min(medians[name] for name in PEERS_ON_THE_CPU)
+        peers = [name for name in PEERS_ON_THE_CPU if name in medians]  # openvino-default is bf16 on bf16 CPUs
+        fastest_peer = min(medians[name] for name in peers)
         for name, ms in medians.items():
             entry = records[name]["batches"][batch_index]
             assert entry["vs_fastest_peer"] == pytest.approx(fastest_peer / ms)
             assert entry["speedup_vs_eager_fp32"] == pytest.approx(medians["eager-fp32"] / ms)
-        assert max(records[name]["batches"][batch_index]["vs_fastest_peer"] for name in PEERS_ON_THE_CPU) == \
-            pytest.approx(1.0)
+        assert max(records[name]["batches"][batch_index]["vs_fastest_peer"] for name in peers) == pytest.approx(1.0)
 
 
 def test_recorded_accuracy_matches_an_independent_recomputation(suite):

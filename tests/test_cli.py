@@ -426,6 +426,8 @@ def _command_runs(tmp: Path, synth_root: Path, checkpoint: Path, busy_port: int)
         "annotate": ["annotate", str(synth_root), "--checkpoint", str(checkpoint), "-o", str(tmp / "annotated"),
                      "--device", "cpu", "--quiet"],
         "cache": ["cache", "list"],
+        "quantize": ["quantize", str(checkpoint), "-o", str(tmp / "m.int8.onnx"), "--calibration", str(synth_root),
+                     "--clips", "4", "--quiet"],
         "serve": ["serve", "--checkpoint", str(checkpoint), "--port", str(busy_port), "--quiet"],
         "timeline": ["timeline", clip, "--checkpoint", str(checkpoint), "--device", "cpu", "--window", "0.5",
                      "--stride", "0.25", "--plot", str(tmp / "timeline.png"), "--quiet"],

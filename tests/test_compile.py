@@ -228,7 +228,7 @@ def test_auto_falls_back_to_torch_when_the_kernels_fail(monkeypatch, caplog, fai
     from stt_fast import compiler
     from stt_fast.compiler import ops
 
-    monkeypatch.setattr(compiler, "auto_candidates", lambda model, device: ["triton", "torch"])
+    monkeypatch.setattr(compiler, "auto_candidates", lambda model, device, dtype: ["triton", "torch"])
     monkeypatch.setattr(ops.TritonOps, "attention", staticmethod(failure))
     monkeypatch.setattr(compiler, "_warned", set())
     model = trained_looking(get_config("tiny"))
@@ -241,8 +241,8 @@ def test_auto_falls_back_to_torch_when_the_kernels_fail(monkeypatch, caplog, fai
         again = stt_fast.compile(model, validate=validate)
     assert compiled.backend == again.backend == "torch"
     expected = "injected launch failure" if failure is _broken_launch else "ValidationError"
-    assert expected in compiled.fallback_reason and "'triton'" in compiled.fallback_reason
-    warnings = [r for r in caplog.records if "falling back to 'torch'" in r.getMessage()]
+    assert expected in compiled.fallback_reason and "triton float32 failed" in compiled.fallback_reason
+    warnings = [r for r in caplog.records if "falling back to torch float32" in r.getMessage()]
     assert len(warnings) == 1, "the reason is logged once"
     x = clips(model.config)
     with torch.no_grad():
@@ -423,3 +423,55 @@ def test_the_fused_ops_are_the_triton_op_set_only():
     for ops, fused in (("triton", True), ("torch", False), ("export", False), ("export-attention-op", False)):
         program = STTProgram(model, ops=ops)
         assert program.backbone.fused is fused and program.fused is fused
+
+
+# --- the automatic precision (stt_fast.compiler.precision) ---------------------------------------------------
+
+def test_the_default_precision_follows_the_cpus_instruction_sets():
+    from stt_fast.compiler.precision import default_precisions
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert default_precisions(cpu, ["avx2", "avx512f", "avx512_bf16", "avx512_vnni"])[0] == [torch.bfloat16,
+                                                                                           torch.float32]
+    assert default_precisions(cpu, ["avx2", "amx_tile", "amx_bf16"])[0][0] == torch.bfloat16
+    dtypes, reason = default_precisions(cpu, ["avx2", "avx512f", "avx512_vnni"])  # AVX-512 without bf16 units
+    assert dtypes == [torch.float32] and "no native bf16" in reason
+    assert default_precisions(cpu, [])[0] == [torch.float32]
+    assert default_precisions(cuda, [])[0] == [torch.float16]
+
+
+@pytest.mark.parametrize("isa,expected", [("avx2", torch.float32), ("avx2,avx512f,avx512_bf16", torch.bfloat16)],
+                         ids=["avx2", "avx512-bf16"])
+def test_compile_chooses_bf16_only_where_the_cpu_has_it_and_says_why(monkeypatch, isa, expected):
+    """Where bf16 units are missing nothing is tried in bf16; where they are, the bf16 program is validated at
+    bf16's tolerance (OpenVINO's precision hint, or the torch path where OpenVINO is absent)."""
+    monkeypatch.setenv("STT_FAST_CPU_ISA", isa)
+    model = trained_looking(get_config("tiny"))
+    compiled = stt_fast.compile(model)
+    assert compiled.dtype == expected and compiled.validation.passed and compiled.fallback_reason is None
+    assert compiled.validation.tolerance == tolerance(expected).model
+    assert compiled.dtype_reason.startswith(str(expected)[6:]) and "avx512_bf16" in compiled.dtype_reason
+    x = clips(model.config, batch=3)
+    with torch.no_grad():
+        assert relative_error(compiled(x), model(x)) < tolerance(expected).model
+
+
+def test_a_bf16_program_that_fails_validation_falls_back_to_float32(monkeypatch):
+    from stt_fast import accuracy
+
+    monkeypatch.setenv("STT_FAST_CPU_ISA", "avx512f,avx512_bf16")
+    monkeypatch.setitem(accuracy.TOLERANCES, torch.bfloat16, accuracy.Tolerance(kernel=1e-9, model=1e-9))
+    compiled = stt_fast.compile(trained_looking(get_config("tiny")), backend="openvino")
+    assert compiled.dtype == torch.float32 and compiled.validation.passed
+    assert "bfloat16 was tried first" in compiled.dtype_reason and "ValidationError" in compiled.fallback_reason
+    with pytest.raises(ValidationError):  # asked for explicitly, bf16 is not replaced
+        stt_fast.compile(trained_looking(get_config("tiny")), backend="openvino", dtype="bf16")
+
+
+def test_onnxruntime_refuses_bf16_with_the_reason_and_is_not_tried_for_it(monkeypatch):
+    model = trained_looking(get_config("tiny"))
+    with pytest.raises(ValueError, match="no bfloat16 kernels"):
+        stt_fast.compile(model, backend="onnxruntime", dtype="bf16")
+    monkeypatch.setenv("STT_FAST_CPU_ISA", "avx512f,avx512_bf16")
+    compiled = stt_fast.compile(model, backend="onnxruntime")  # the automatic precision skips what it cannot run
+    assert compiled.dtype == torch.float32 and compiled.fallback_reason is None

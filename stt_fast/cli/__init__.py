@@ -1,7 +1,7 @@
 """stt-fast: run, check, export, benchmark and train STT, the Spatio-Temporal Transformer for dynamic
 facial expression recognition.
 
-Each command group has a module in this package (info, deploy, measure, cache, training, predict,
+Each command group has a module in this package (info, deploy, quantize, measure, cache, training, predict,
 timeline, annotate, serve; common.py holds what they share) that adds its parsers and runs its commands; the
 work itself lives in the library. Here the commands are dispatched and their errors reported. Errors a user
 can fix (bad paths, bad files, bad options) print one line and exit with status 2; anything else prints
@@ -40,12 +40,12 @@ def _setup_logging(quiet: bool) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from stt_fast import __version__
 
-    from . import annotate, cache, deploy, info, measure, predict, serve, timeline, training
+    from . import annotate, cache, deploy, info, measure, predict, quantize, serve, timeline, training
 
     parser = Parser(prog="stt-fast", description=__doc__.split("\n\n")[0])
     parser.add_argument("--version", action="version", version=f"stt-fast {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
-    for group in (info, deploy, measure, cache, training, predict, timeline, annotate, serve):
+    for group in (info, deploy, quantize, measure, cache, training, predict, timeline, annotate, serve):
         group.add_parsers(sub)
     parser.commands = sub.choices  # name -> subparser, for _given()
     return parser

@@ -14,6 +14,7 @@ from stt_fast.kernels.st_attention import HAS_TRITON, interpreting
 from stt_fast.model import STT
 
 from .cuda_graphs import CudaGraphCapture, GraphCache
+from .precision import default_precisions, runs
 from .program import STTProgram
 from .validation import ValidationError, ValidationReport, probe_clips
 from .validation import validate as _validate
@@ -38,8 +39,8 @@ class CompiledSTT(nn.Module):
     refused with ValueError; float clips already on a GPU are not read back, and a clip holding NaN or
     infinity gets a row of NaN logits instead.
     Attributes: config, device, dtype, backend, validation (the ValidationReport, or None),
-    fallback_reason (why backend="auto" did not keep its first choice, or None), graphs (the CUDA graph
-    cache, or None).
+    fallback_reason (why the first backend or precision tried was not kept, or None), dtype_reason (why
+    this precision), graphs (the CUDA graph cache, or None).
     """
 
     def __init__(self, program: nn.Module, *, config, device: torch.device, dtype: torch.dtype, backend: str,
@@ -53,6 +54,7 @@ class CompiledSTT(nn.Module):
         self.graphs = GraphCache(CudaGraphCapture(self._infer, device), max_graphs) if cuda_graphs else None
         self.validation: ValidationReport | None = None
         self.fallback_reason: str | None = None
+        self.dtype_reason: str = ""
 
     def train(self, mode: bool = True) -> CompiledSTT:
         if mode:
@@ -98,9 +100,10 @@ class CompiledSTT(nn.Module):
                 f"graphs={self.graphs is not None}")
 
 
-def _resolve_dtype(dtype, device: torch.device) -> torch.dtype:
-    if dtype is None:
-        return torch.float16 if device.type == "cuda" else torch.float32
+def _resolve_dtype(dtype) -> torch.dtype | None:
+    """The dtype asked for, or None for the automatic choice (dtype None or "auto": precision.py)."""
+    if dtype is None or dtype == "auto":
+        return None
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
@@ -134,8 +137,8 @@ def triton_problem(model: STT, device: torch.device) -> str | None:
     return None
 
 
-def auto_candidates(model: STT, device: torch.device) -> list[str]:
-    """The backends backend="auto" tries on device, best first; each next one is the fallback."""
+def auto_candidates(model: STT, device: torch.device, dtype: torch.dtype = torch.float32) -> list[str]:
+    """The backends backend="auto" tries on device for dtype, best first; each next one is the fallback."""
     if device.type == "cuda":
         problem = triton_problem(model, device)
         if problem is None:
@@ -148,7 +151,7 @@ def auto_candidates(model: STT, device: torch.device) -> list[str]:
     # On the CPU, OpenVINO and ONNX Runtime running the exported program were measured faster than the
     # PyTorch path, OpenVINO the faster of the two (benchmarks/results/cpu-*): the first installed wins.
     available = {"openvino": openvino_available(), "onnxruntime": onnxruntime_available(), "torch": True}
-    return [name for name, ok in available.items() if ok]
+    return [name for name, ok in available.items() if ok and runs(name, dtype)]
 
 
 _warned: set[str] = set()
@@ -200,7 +203,10 @@ def compile(model: STT, *, device: str | torch.device | None = None, dtype: str 
 
     model: a reference ``stt_fast.STT`` in eval mode (any config, with its weights); it is not modified.
     device: where the compiled module runs; defaults to the model's device.
-    dtype: compute precision; float16 by default on CUDA, float32 on the CPU; bfloat16 available.
+    dtype: compute precision: "fp32", "fp16", "bf16" (or torch dtypes), or None / "auto": float16 on CUDA;
+        on a CPU bfloat16 where it has native bf16 arithmetic (avx512_bf16, amx_bf16), else float32, with
+        float32 as the fallback when bfloat16 fails to build or validate (stt_fast.compiler.precision). What
+        was chosen and why is kept as ``.dtype_reason`` and logged.
     backend: "auto" ("triton" on CUDA GPUs of sm_80 and newer, else "torch"; on the CPU "openvino",
         else "onnxruntime", else "torch", the first installed); "triton" (fused Triton attention and
         add+LayerNorm kernels); "torch" (PyTorch only: SDPA over regrouped tokens, folded BatchNorm,
@@ -238,32 +244,40 @@ def compile(model: STT, *, device: str | torch.device | None = None, dtype: str 
         raise ValueError("device 'cuda' was asked for but no CUDA device is available")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    dtype = _resolve_dtype(dtype, device)
+    asked = _resolve_dtype(dtype)
+    if asked is None:
+        dtypes, dtype_reason = default_precisions(device)
+    else:
+        dtypes, dtype_reason = [asked], f"{str(asked)[6:]}: asked for"
     if backend == "auto":
-        candidates = auto_candidates(model, device)
+        plans = [(name, dt) for dt in dtypes for name in auto_candidates(model, device, dt)]
     else:
         if backend == "triton" and (problem := triton_problem(model, device)) is not None:
             raise ValueError(f"backend 'triton' cannot run this model: {problem}")
-        candidates = [backend]
-    unknown = sorted(set(backend_options) - BACKEND_OPTIONS.get(candidates[0], set()))
+        plans = [(backend, dt) for dt in dtypes if asked is not None or runs(backend, dt)] or [(backend, torch.float32)]
+    unknown = sorted(set(backend_options) - BACKEND_OPTIONS.get(plans[0][0], set()))
     if unknown:
-        raise ValueError(f"unknown options for backend {candidates[0]!r}: {unknown}")
+        raise ValueError(f"unknown options for backend {plans[0][0]!r}: {unknown}")
+    automatic = backend == "auto" or asked is None  # a failure falls back to the next plan
 
     reasons: list[str] = []
-    for i, name in enumerate(candidates):
+    for i, (name, dt) in enumerate(plans):
         options = {k: v for k, v in backend_options.items() if k in BACKEND_OPTIONS.get(name, set())}
         try:
-            compiled = _build(model, name, device, dtype, cuda_graphs=cuda_graphs, channels_last=channels_last,
+            compiled = _build(model, name, device, dt, cuda_graphs=cuda_graphs, channels_last=channels_last,
                               max_graphs=max_graphs, backend_options=options)
-            if validate or backend == "auto":
-                _first_call_check(model, compiled, dtype, validate)
+            if validate or automatic:
+                _first_call_check(model, compiled, dt, validate)
         except Exception as e:  # any failure of an automatic choice falls back
-            if backend != "auto" or i == len(candidates) - 1:
+            if not automatic or i == len(plans) - 1:
                 raise
-            reason = f"backend {name!r} failed here ({type(e).__name__}: {str(e).splitlines()[0][:300]})"
+            reason = f"{name} {str(dt)[6:]} failed here ({type(e).__name__}: {str(e).splitlines()[0][:300]})"
             reasons.append(reason)
-            _warn_once(f"stt_fast.compile: {reason}; falling back to {candidates[i + 1]!r}")
+            _warn_once(f"stt_fast.compile: {reason}; falling back to {plans[i + 1][0]} {str(plans[i + 1][1])[6:]}")
             continue
         compiled.fallback_reason = "; ".join(reasons) or None
+        compiled.dtype_reason = dtype_reason if dt == dtypes[0] else \
+            f"{str(dt)[6:]}: {str(dtypes[0])[6:]} was tried first ({dtype_reason.split(': ', 1)[-1]}) and failed"
+        log.info("stt_fast.compile: %s backend, %s", compiled.backend, compiled.dtype_reason)
         return compiled.eval()
-    raise AssertionError("unreachable: the last candidate returns or raises")
+    raise AssertionError("unreachable: the last plan returns or raises")
