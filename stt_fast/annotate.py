@@ -33,6 +33,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -48,6 +49,7 @@ from .predictors import ModelSpec
 FORMATS = ("parquet", "jsonl")
 PART_PREFIX = "part-"
 MANIFEST = "_manifest.json"
+LEGACY_MANIFEST = "manifest.json"
 
 
 # --- what to annotate ----------------------------------------------------------------------------------
@@ -56,9 +58,17 @@ def list_sources(source: str | os.PathLike) -> list[str]:
     """The clips of SOURCE, in a stable order: a folder (recursive), a DFEW-layout set, or a list file."""
     source = Path(source)
     if source.is_file():
+        if source.suffix.lower() in VIDEO_SUFFIXES | IMAGE_SUFFIXES:
+            raise ValueError(f"{source} is a single clip: annotate labels a collection (a folder, a DFEW-layout set or "
+                             f"a text file of paths); `stt-fast predict {source}` labels one file")
+        try:
+            text = source.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ValueError(f"{source} is not a text file of clip paths (one per line); pass a folder, a DFEW-layout "
+                             "set or such a list") from None
         base = source.parent
         paths = []
-        for line in source.read_text().splitlines():
+        for line in text.splitlines():
             line = line.strip()
             if line and not line.startswith("#"):
                 path = Path(line)
@@ -113,21 +123,55 @@ def write_part(out: Path, rows: list[dict], fmt: str, columns: Sequence[str]) ->
     return path
 
 
+PART_NAME = re.compile(rf"{PART_PREFIX}[0-9a-f]{{16}}\.(jsonl|parquet)")
+TEMPORARY_NAME = re.compile(rf"\.{PART_PREFIX}[0-9a-f]{{16}}\.(jsonl|parquet)\..+\.tmp")  # files.atomic_output's
+
+
 def read_rows(out: str | os.PathLike) -> list[dict]:
-    """Every row of every complete part file in OUT (temporary files of an interrupted run are ignored)."""
+    """Every row of every complete part file in OUT (temporary files of an interrupted run are ignored); a
+    part file without the columns annotate writes is refused, naming it."""
     rows = []
-    for path in sorted(Path(out).glob(f"{PART_PREFIX}*")):
-        if path.suffix in (".jsonl", ".parquet"):
-            rows += _part_rows(path)
+    for path in sorted(Path(out).iterdir()) if Path(out).is_dir() else []:
+        if PART_NAME.fullmatch(path.name):
+            part = _part_rows(path)
+            if any(not isinstance(r, dict) or "path" not in r or "model_sha256" not in r for r in part):
+                raise ValueError(f"{path} is not a part file stt-fast annotate wrote (no path or model_sha256 "
+                                 "column): choose another output folder")
+            rows += part
     return rows
 
 
-def _part_rows(path: Path) -> list[dict]:
-    if path.suffix == ".jsonl":
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    import pyarrow.parquet as pq
+def _check_ours(out: Path) -> None:
+    """OUT must be new, empty, or hold only what annotate writes: its part files, their temporary files and its
+    manifest (and the manifest.json of earlier versions); anything else is the user's, and OUT is refused."""
+    for path in out.iterdir():
+        name = path.name
+        if PART_NAME.fullmatch(name) or TEMPORARY_NAME.fullmatch(name) or name == MANIFEST:
+            continue
+        if name == LEGACY_MANIFEST and _is_our_manifest(path):
+            continue
+        raise ValueError(f"{out} holds files stt-fast annotate did not write (e.g. {name}): choose a new or empty "
+                         "output folder, or one an earlier annotate wrote")
 
-    return pq.read_table(str(path)).to_pylist()
+
+def _is_our_manifest(path: Path) -> bool:
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and {"source", "model_sha256", "clips"} <= set(record)
+
+
+def _part_rows(path: Path) -> list[dict]:
+    try:
+        if path.suffix == ".jsonl":
+            return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        import pyarrow.parquet as pq
+
+        return pq.read_table(str(path)).to_pylist()
+    except (ValueError, OSError) as e:  # JSON, Unicode and Arrow errors are ValueErrors or OSErrors
+        raise ValueError(f"{path} is not a readable part file ({type(e).__name__}: {e}): choose another output "
+                         "folder, or remove it") from None
 
 
 def drop_failed_rows(out: Path, columns: Sequence[str]) -> int:
@@ -135,8 +179,8 @@ def drop_failed_rows(out: Path, columns: Sequence[str]) -> int:
     atomically, or removed when nothing else is in it) and return how many there were: those clips are
     then not done, and the next run annotates them again."""
     dropped = 0
-    for path in sorted(out.glob(f"{PART_PREFIX}*")):
-        if path.suffix not in (".jsonl", ".parquet"):
+    for path in sorted(out.iterdir()):
+        if not PART_NAME.fullmatch(path.name):
             continue
         rows = _part_rows(path)
         kept = [r for r in rows if not r.get("error")]
@@ -153,8 +197,8 @@ def drop_failed_rows(out: Path, columns: Sequence[str]) -> int:
 
 
 def _clean_partial(out: Path) -> int:
-    """Remove what an interrupted run left half-written (never a complete part)."""
-    stale = list(out.glob(f".{PART_PREFIX}*.tmp"))
+    """Remove what an interrupted run left half-written (never a complete part, never a file not named as ours)."""
+    stale = [p for p in out.iterdir() if TEMPORARY_NAME.fullmatch(p.name)]
     for path in stale:
         path.unlink(missing_ok=True)
     return len(stale)
@@ -329,6 +373,7 @@ def annotate(source: str | os.PathLike, output: str | os.PathLike, *, backend: s
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"{out} exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
+    _check_ours(out)
     _clean_partial(out)
     model_sha256 = sha256_file(model_file)
     config = spec.config()
@@ -362,7 +407,9 @@ def annotate(source: str | os.PathLike, output: str | os.PathLike, *, backend: s
     seconds = time.perf_counter() - started
     failed = sorted(r["path"] for r in read_rows(out) if r.get("error") and r["path"] in set(paths))
     result = AnnotateResult(len(paths), len(paths) - len(todo), written, errors, seconds, out, failed)
-    (out / "manifest.json").unlink(missing_ok=True)  # where earlier versions kept it: Parquet readers choke on it
+    legacy = out / LEGACY_MANIFEST  # where earlier versions kept it: Parquet readers choke on it
+    if legacy.is_file() and _is_our_manifest(legacy):
+        legacy.unlink()
     write_text_atomic(out / MANIFEST, json.dumps({
         "source": str(source), "clips": len(paths), "written_this_run": written, "skipped_already_done": len(done),
         "errors_this_run": errors, "failed_clips": len(failed), "backend": backend, "model_file": str(model_file),

@@ -50,8 +50,31 @@ def save_checkpoint(model: STT, path: str | os.PathLike, *, metadata: dict[str, 
     return Path(path)
 
 
+# A checkpoint's config is read from a file that may come from anywhere: sizes beyond these are refused
+# before anything is built (the paper's model is 16 x 112 px, D 512, depth 4, 8 heads, width 64).
+CONFIG_BOUNDS = {"num_frames": 256, "image_size": 1024, "num_classes": 10_000, "embed_dim": 4096, "depth": 64,
+                 "num_heads": 128, "backbone_width": 512, "mlp_ratio": 16}
+
+
+def check_config_bounds(config: STTConfig, source: str) -> None:
+    over = [f"{name} {getattr(config, name)} > {bound}" for name, bound in CONFIG_BOUNDS.items()
+            if getattr(config, name) > bound]
+    if over:
+        raise CheckpointError(f"{source} declares a model beyond stt_fast's bounds ({', '.join(over)}); not built")
+
+
+def expected_shapes(config: STTConfig) -> dict[str, tuple[int, ...]]:
+    """The name and shape of every tensor an STT of config holds, from a model built without memory (meta)."""
+    with torch.device("meta"):
+        return {name: tuple(t.shape) for name, t in STT(config).state_dict().items()}
+
+
 def read_checkpoint(path: str | os.PathLike) -> tuple[STTConfig, dict[str, torch.Tensor], dict[str, Any]]:
-    """(config, state dict, metadata) of a checkpoint file, with a clear error for a bad file."""
+    """(config, state dict, metadata) of a checkpoint file, with a clear error for a bad file.
+
+    Checked in the order that keeps a hostile file cheap: the header (format, the hash of the weights
+    present, the config within CONFIG_BOUNDS), then every tensor's name and shape against the config's
+    model, all before a tensor is read; then the weights against their hash."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
@@ -61,7 +84,7 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[STTConfig, dict[str, torch
 
         with safe_open(str(path), framework="pt") as f:
             header = f.metadata() or {}
-        tensors = st.load_file(str(path))
+            shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}  # noqa: SIM118 (not a dict)
     except Exception as e:  # safetensors raises several types for truncated or foreign files
         raise CheckpointError(f"{path} is not a readable stt_fast checkpoint (corrupted, truncated, "
                               f"or not a safetensors file): {e}") from e
@@ -69,14 +92,28 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[STTConfig, dict[str, torch
         raise CheckpointError(f"{path} is a safetensors file but not an stt_fast checkpoint "
                               f"(format {header.get('format')!r}, expected {FORMAT!r})")
     recorded = header.get("tensors_sha256")
-    if recorded is not None and recorded != tensors_fingerprint(tensors):
-        raise CheckpointError(f"{path} is damaged: its weights do not match the hash recorded when it was saved "
-                              "(a changed byte, a bad copy); use another copy of the checkpoint")
+    if not recorded:
+        raise CheckpointError(f"{path} carries no hash of its weights (written by an stt_fast older than the hash, "
+                              "or edited): save it again with stt_fast.save_checkpoint")
     try:
         config = STTConfig.from_json(header["config"])
         metadata = json.loads(header.get("metadata", "{}"))
     except (KeyError, ValueError, TypeError) as e:
         raise CheckpointError(f"{path} has an invalid config: {e}") from e
+    check_config_bounds(config, str(path))
+    expected = expected_shapes(config)
+    if shapes != expected:
+        wrong = sorted(set(shapes) ^ set(expected)) + sorted(k for k in set(shapes) & set(expected)
+                                                             if shapes[k] != expected[k])
+        raise CheckpointError(f"{path}: its tensors do not fit the model its config describes ({len(wrong)} differ, "
+                              f"e.g. {wrong[0]})")
+    try:
+        tensors = st.load_file(str(path))
+    except Exception as e:
+        raise CheckpointError(f"{path} is not a readable stt_fast checkpoint (corrupted or truncated): {e}") from e
+    if recorded != tensors_fingerprint(tensors):
+        raise CheckpointError(f"{path} is damaged: its weights do not match the hash recorded when it was saved "
+                              "(a changed byte, a bad copy); use another copy of the checkpoint")
     return config, tensors, metadata
 
 

@@ -186,3 +186,27 @@ def test_failed_clips_make_the_command_fail_and_retry_failed_tries_them_again(co
     rows = _by_path(read_rows(out2))
     assert len(rows) == 15 and all(r["error"] is None for r in rows.values())
     assert "14 already in" in retry.stdout and "1 annotated now" in retry.stdout
+
+
+def test_the_output_folder_must_be_ours_and_nothing_of_the_users_is_touched(collection, checkpoint, tmp_path):
+    """A folder holding the user's files (a manifest.json of their own, notes) is refused and left as it was; a
+    foreign part file (named like ours) is named in the error; a single video as SOURCE says to use predict."""
+    theirs = tmp_path / "mine"
+    theirs.mkdir()
+    (theirs / "manifest.json").write_text('{"my": "own manifest"}')
+    (theirs / ".part-notes.tmp").write_text("keep me")
+    with pytest.raises(ValueError, match="holds files stt-fast annotate did not write"):
+        annotate(collection, theirs, checkpoint=str(checkpoint), device="cpu")
+    assert (theirs / "manifest.json").read_text() == '{"my": "own manifest"}' and (theirs / ".part-notes.tmp").exists()
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "part-0123456789abcdef.jsonl").write_text('{"path": "x"}\n')
+    with pytest.raises(ValueError, match=r"part-0123456789abcdef\.jsonl is not a part file stt-fast annotate wrote"):
+        annotate(collection, foreign, checkpoint=str(checkpoint), device="cpu", fmt="jsonl")
+    video = next((collection / "Clip" / "original").glob("0*.mp4"))
+    with pytest.raises(ValueError, match=r"is a single clip.*stt-fast predict"):
+        list_sources(video)
+    binary = tmp_path / "list.bin"
+    binary.write_bytes(bytes(range(256)))
+    with pytest.raises(ValueError, match="not a text file of clip paths"):
+        list_sources(binary)

@@ -1,9 +1,12 @@
 """Checkpoints round-trip with their config; torchvision ResNet-18 weights load; bad files say why."""
 
+import json
+
 import pytest
 import torch
 
 from stt_fast import STT, CheckpointError, get_config, load_checkpoint, load_torchvision_resnet18, save_checkpoint
+from stt_fast.checkpoint import read_checkpoint
 from tests.helpers import trained_looking
 
 
@@ -134,3 +137,39 @@ def test_failed_save_leaves_no_file(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         save_checkpoint(STT(get_config("tiny")), tmp_path / "m.safetensors")
     assert list(tmp_path.iterdir()) == []
+
+
+def _forged(path, config_json: str, tensors: dict, sha: str | None):
+    """A checkpoint written by hand: the header says what the caller wants."""
+    import safetensors.torch
+
+    from stt_fast.checkpoint import FORMAT
+
+    header = {"format": FORMAT, "config": config_json, "metadata": "{}"} | ({"tensors_sha256": sha} if sha else {})
+    safetensors.torch.save_file(tensors, str(path), metadata=header)
+    return path
+
+
+def test_a_checkpoint_without_the_hash_of_its_weights_is_refused(tmp_path):
+    from stt_fast.checkpoint import tensors_fingerprint
+
+    model = STT(get_config("tiny"))
+    tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
+    path = _forged(tmp_path / "m.safetensors", model.config.to_json(), tensors, None)
+    with pytest.raises(CheckpointError, match="carries no hash of its weights"):
+        load_checkpoint(path)
+    _forged(path, model.config.to_json(), tensors, tensors_fingerprint(tensors))
+    assert isinstance(load_checkpoint(path), STT)
+
+
+def test_a_forged_config_is_refused_before_anything_is_built(tmp_path):
+    """A header declaring a huge model (depth 100,000) with tiny tensors: refused by the bounds, so never built; a
+    plausible config whose tensors do not fit it: refused by the shapes, before the weights are read."""
+    model = STT(get_config("tiny"))
+    tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
+    huge = json.loads(model.config.to_json()) | {"depth": 100_000}
+    with pytest.raises(CheckpointError, match=r"beyond stt_fast's bounds \(depth 100000 > 64\)"):
+        read_checkpoint(_forged(tmp_path / "huge.safetensors", json.dumps(huge), tensors, "0" * 64))
+    deeper = json.loads(model.config.to_json()) | {"depth": 3}
+    with pytest.raises(CheckpointError, match="do not fit the model its config describes"):
+        read_checkpoint(_forged(tmp_path / "deeper.safetensors", json.dumps(deeper), tensors, "0" * 64))

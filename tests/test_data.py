@@ -183,6 +183,13 @@ def test_missing_clip_listed_in_an_annotation_file(synth_root, tmp_path):
     assert len(items) == 7 and len(problems) == 1 and "99999" in problems[0]
 
 
+@pytest.mark.parametrize("name", ["../../elsewhere", "/etc/hosts", "..", "a/b"])
+def test_a_clip_name_outside_the_data_root_is_refused(synth_root, tmp_path, name):
+    root, _ = _copy_with_annotation(synth_root, tmp_path, [(name, 3)])
+    with pytest.raises(BadClipError, match=r"set_1\.csv:\d+: clip name .* is not a plain name"):
+        dfew_items(root, 1, "test")
+
+
 def test_unknown_label_in_an_annotation_file(synth_root, tmp_path):
     root, _ = _copy_with_annotation(synth_root, tmp_path, [(1, 9)])
     with pytest.raises(BadClipError, match="unknown label '9'"):

@@ -88,6 +88,8 @@ def dfew_items(root: str | os.PathLike, fold: int, split: str, *, skip_missing: 
                 raise BadClipError(f"{where}: expected columns video_name,label")
             name = row["video_name"].strip()
             name = f"{int(name):05d}" if name.isdigit() else name
+            if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+                raise BadClipError(f"{where}: clip name {name!r} is not a plain name (a clip lies in {root})")
             label = parse_label(row["label"], where)
             path = _dfew_clip_path(root, name)
             if path is None:

@@ -25,6 +25,7 @@ warning) or "error" makes it a failure.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -42,6 +43,8 @@ from .transforms import resize
 from .video import (
     DEFAULT_LIMITS,
     BadClipError,
+    Cancelled,
+    InMemoryVideo,
     ReadLimits,
     decode_frames,
     even_region,
@@ -121,9 +124,13 @@ class ClipPipeline:
             self._detector = haar_detector()
         return self._detector
 
-    def sampled_frames(self, path: str | os.PathLike) -> tuple[list, int]:
+    def sampled_frames(self, path: str | os.PathLike | InMemoryVideo,
+                       stop: threading.Event | None = None) -> tuple[list, int]:
         """(the T sampled frames in order, how many the clip has): video frames still in the decoder's
-        format, images as RGB arrays; each distinct frame read once."""
+        format, images as RGB arrays; each distinct frame read once. stop: set it to make decoding raise
+        Cancelled at its next frame."""
+        if isinstance(path, InMemoryVideo):
+            return self._video_frames(path, stop)
         path = Path(path)
         if path.is_dir():
             names = list_frames(path)
@@ -136,9 +143,17 @@ class ClipPipeline:
             raise BadClipError(f"{path}: clip not found")
         if not is_video(path):
             raise BadClipError(f"{path}: not a video file or a folder of frames")
-        info = probe_video(path, self.limits)
+        return self._video_frames(path, stop)
+
+    def _video_frames(self, source, stop: threading.Event | None) -> tuple[list, int]:
+        info = probe_video(source, self.limits)
         indices = sample_indices(info.frames, segments=self.segments, frames_per_segment=2)
-        decoded = decode_frames(info, indices, self.limits)
+
+        def check(frame) -> None:
+            if stop is not None and stop.is_set():
+                raise Cancelled(f"{source}: decoding stopped (its request was cancelled)")
+
+        decoded = decode_frames(info, indices, self.limits, on_frame=check)
         return [decoded[i] for i in indices], info.frames
 
     def region(self, frames: list, source: str, warnings: list[str]) -> tuple[int, int, int, int]:
@@ -168,14 +183,17 @@ class ClipPipeline:
         # [T, H, W, 3] viewed as [T, 3, H, W]: channels-last, the resampler's fast layout
         return resize(torch.stack(out).permute(0, 3, 1, 2), self.image_size, dtype=torch.uint8)
 
-    def load(self, path: str | os.PathLike, seconds: dict[str, float] | None = None) -> tuple[torch.Tensor, list[str]]:
+    def load(self, path: str | os.PathLike | InMemoryVideo, seconds: dict[str, float] | None = None,
+             stop: threading.Event | None = None) -> tuple[torch.Tensor, list[str]]:
         """(float32 [T, 3, S, S] clip in [0, 1], warnings); BadClipError for a clip that cannot be read, and
         NoFaceSkipped / BadClipError for one without a face as no_face says. seconds: receives each stage's
-        time."""
+        time. stop: set it to abandon the work (Cancelled is raised)."""
         seconds = {} if seconds is None else seconds
         warnings: list[str] = []
         started = time.perf_counter()
-        frames, available = self.sampled_frames(path)
+        frames, available = self.sampled_frames(path, stop)
+        if stop is not None and stop.is_set():
+            raise Cancelled(f"{path}: stopped (its request was cancelled)")
         seconds["decode"] = time.perf_counter() - started
         started = time.perf_counter()
         region = self.region(frames, str(path), warnings)

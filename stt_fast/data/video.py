@@ -56,6 +56,28 @@ class ReadLimits:
 DEFAULT_LIMITS = ReadLimits()
 
 
+@dataclass(frozen=True)
+class InMemoryVideo:
+    """A video file's bytes (a server's upload), decoded without ever touching the disk; name is what
+    messages call it."""
+
+    name: str
+    data: bytes
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class Cancelled(Exception):
+    """Decoding stopped because its caller no longer wants the result (a request that timed out)."""
+
+
+def _container_source(source):
+    import io
+
+    return io.BytesIO(source.data) if isinstance(source, InMemoryVideo) else str(source)
+
+
 def is_video(path: str | os.PathLike) -> bool:
     return Path(path).suffix.lower() in VIDEO_SUFFIXES
 
@@ -123,7 +145,7 @@ class VideoInfo:
     """What probe_video learnt without decoding: frame size, frame count, presentation times (pts, in the
     stream's time base, in presentation order; None where the container has none) and keyframe indices."""
 
-    path: Path
+    path: Path | InMemoryVideo
     width: int
     height: int
     frames: int
@@ -141,12 +163,13 @@ def _av():
     return av
 
 
-def probe_video(path: str | os.PathLike, limits: ReadLimits = DEFAULT_LIMITS) -> VideoInfo:
+def probe_video(path: str | os.PathLike | InMemoryVideo, limits: ReadLimits = DEFAULT_LIMITS) -> VideoInfo:
     """The video's size, duration and packet index, checked against limits; nothing is decoded."""
-    path = regular_file(path, "video file")
+    if not isinstance(path, InMemoryVideo):
+        path = regular_file(path, "video file")
     av = _av()
     try:
-        with av.open(str(path)) as container:
+        with av.open(_container_source(path)) as container:
             if not container.streams.video:
                 raise BadClipError(f"{path}: no video stream")
             stream = container.streams.video[0]
@@ -234,7 +257,7 @@ def _decode_runs(info: VideoInfo, runs: list[tuple[int | None, int]], wanted: se
     by_pts = {info.pts[i]: i for i in wanted} if info.pts is not None else None
     kept: dict = {}
     try:
-        with av.open(str(path)) as container:
+        with av.open(_container_source(path)) as container:
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"  # the decoder's own frame and slice threads
             count = 0
@@ -254,7 +277,7 @@ def _decode_runs(info: VideoInfo, runs: list[tuple[int | None, int]], wanted: se
                         kept[index] = frame
                     if reached >= end:
                         break
-    except BadClipError:
+    except (BadClipError, Cancelled):
         raise
     except Exception as e:
         if len(kept) < len(wanted):

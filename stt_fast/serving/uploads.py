@@ -52,16 +52,35 @@ def check_declared_size(content_length: str | None, limit_bytes: int) -> None:
 
 
 def _suffix(filename: str | None) -> str:
-    suffix = os.path.splitext(filename or "")[1].lower()
-    return suffix or ".mp4"
+    """The video suffix of an upload's name (".mp4" without one); 400 for a name that is not a video's."""
+    from stt_fast.data.video import VIDEO_SUFFIXES
+
+    if not filename:
+        return ".mp4"
+    suffix = os.path.splitext(filename)[1].lower()
+    if suffix not in VIDEO_SUFFIXES or any(ord(c) < 32 for c in filename):
+        shown = suffix[:12] + ("..." if len(suffix) > 12 else "")
+        raise UploadError(400, f"a file named *{shown!r} is not a video this server reads: send one of "
+                               f"{', '.join(sorted(VIDEO_SUFFIXES))}, or a .npy clip")
+    return suffix
+
+
+MAX_PARTS = 16  # multipart parts in one request: the file and a few form fields
 
 
 def parse_upload(body: bytes, content_type: str | None, filename: str | None = None) -> Upload:
-    """The clip or video a request body holds (see the module docstring); 400 naming what is missing."""
+    """The clip or video a request body holds (see the module docstring); 400 naming what is missing. CPU work
+    on the body (the multipart parser): the service runs it off its event loop."""
     if not body:
         raise UploadError(400, "empty request body: send a video file (multipart field 'file') or a .npy clip")
     media = (content_type or "").split(";")[0].strip().lower()
     if media == "multipart/form-data":
+        boundary = next((p.split("=", 1)[1].strip().strip('"') for p in (content_type or "").split(";")[1:]
+                         if p.strip().lower().startswith("boundary=")), "")
+        if not boundary:
+            raise UploadError(400, "multipart upload without a boundary in its Content-Type")
+        if body.count(b"--" + boundary.encode("latin-1")) > MAX_PARTS + 1:
+            raise UploadError(400, f"a multipart upload of more than {MAX_PARTS} parts: send the file alone")
         message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
             b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + body)
         parts = [p for p in message.iter_parts() if p.get_param("name", header="content-disposition") == "file"] \
@@ -72,23 +91,37 @@ def parse_upload(body: bytes, content_type: str | None, filename: str | None = N
         filename, body = part.get_filename(), part.get_payload(decode=True) or b""
         if not body:
             raise UploadError(400, "the 'file' field is empty")
-        media = "application/x-npy" if (filename or "").lower().endswith(".npy") else ""
+        if (filename or "").lower().endswith(".npy"):
+            return Upload("npy", body, "")
+        media = ""
     if media in NPY_TYPES:
         return Upload("npy", body, "")
     return Upload("video", body, _suffix(filename))
 
 
 def clip_from_npy(data: bytes, num_frames: int, image_size: int) -> torch.Tensor:
-    """uint8 [T, 3, S, S] .npy bytes -> float32 [T, 3, S, S] in [0, 1] (as the model takes it)."""
-    try:
-        array = np.load(io.BytesIO(data), allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
-        raise UploadError(400, f"the body is not a .npy array: {e}") from None
+    """uint8 [T, 3, S, S] .npy bytes -> float32 [T, 3, S, S] in [0, 1] (as the model takes it). The header is
+    read and checked before any array is made: a header declaring petabytes costs nothing."""
+    from numpy.lib import format as npy
+
     want = (num_frames, 3, image_size, image_size)
-    if array.dtype != np.uint8 or array.shape != want:
+    stream = io.BytesIO(data)
+    try:
+        version = npy.read_magic(stream)
+        reader = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
+        shape, fortran, dtype = reader(stream)
+    except (ValueError, OSError, EOFError, SyntaxError) as e:
+        raise UploadError(400, f"the body is not a .npy array: {e}") from None
+    if dtype != np.uint8 or tuple(shape) != want:
         raise UploadError(400, f"a .npy clip must be uint8 {list(want)} (T, 3, H, W: this model's input); "
-                               f"got {array.dtype} {list(array.shape)}")
-    return torch.from_numpy(np.ascontiguousarray(array)).float() / 255
+                               f"got {dtype} {list(shape)}")
+    payload = data[stream.tell():]
+    if len(payload) != int(np.prod(want)):
+        raise UploadError(400, f"the .npy clip holds {len(payload)} bytes for {int(np.prod(want))} values")
+    array = np.frombuffer(payload, np.uint8).reshape(want[::-1] if fortran else want)
+    if fortran:
+        array = array.transpose()
+    return torch.from_numpy(array.copy()).float() / 255  # a writable copy: frombuffer arrays are read-only
 
 
 def clip_from_video(data: bytes, suffix: str, pipeline) -> tuple[torch.Tensor, list[str]]:

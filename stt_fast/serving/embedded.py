@@ -1,0 +1,128 @@
+"""The embedded server, `stt-fast serve`'s default: one process, the model in it, uvicorn in front.
+
+    client --HTTP--> uvicorn (one event loop: the routes of api.py, service.py's admission and deadlines)
+                        |  uploads decoded on the decode pool
+                        v
+                     DynamicBatcher (batcher.py) --> the model on a thread of its own, one forward pass a batch
+
+Nothing listens beyond the HTTP port (on loopback unless --host asks otherwise). Ray is for clusters
+(app.py, `--ray`).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+import torch
+
+from .batcher import DynamicBatcher
+from .service import ServeOptions, Service, check_options, rows_of
+
+log = logging.getLogger("stt_fast.serving")
+
+
+class LocalModel:
+    """The ModelClient of the embedded server: a predictor in this process behind a DynamicBatcher."""
+
+    def __init__(self, options: ServeOptions, predictor, checkpoint_sha256: str | None,
+                 coming: Callable[[], int] = lambda: 0) -> None:
+        from stt_fast.predict import class_names
+
+        self.predictor = predictor
+        self.labels = class_names(predictor.config.num_classes)
+        self.batcher = DynamicBatcher(lambda clips: rows_of(self.predictor(clips), self.labels),
+                                      max_batch=options.max_batch, batch_wait_ms=options.batch_wait_ms, coming=coming)
+        # past their upload: the clip in the pass, max_queue waiting, and a batch's worth decoding
+        self.capacity = 2 * options.max_batch + options.max_queue
+        config = predictor.config
+        self._facts = {"backend": predictor.name, "checkpoint_sha256": checkpoint_sha256,
+                       "num_frames": config.num_frames, "image_size": config.image_size, "config": config}
+
+    async def classify(self, clip: torch.Tensor) -> dict:
+        return await self.batcher.classify(clip)
+
+    async def facts(self) -> dict:
+        return self._facts
+
+    async def readiness(self) -> tuple[bool, dict]:
+        return True, {"backend": self._facts["backend"], "passes": self.batcher.passes}
+
+
+def model_sha256(spec) -> str | None:
+    """The hash the answers carry: the model file's, or for an engine the checkpoint's, from its sidecar."""
+    from stt_fast.files import sha256_file
+
+    if spec.backend == "tensorrt":
+        from stt_fast.export.engine_runtime import read_sidecar
+
+        return read_sidecar(spec.engine).get("checkpoint_sha256")
+    return sha256_file(spec.file())
+
+
+def load_model(options: ServeOptions) -> tuple[object, str | None]:
+    """The predictor of options.spec, checked by one probe clip (a model that cannot run fails here, before the
+    port opens), and the hash its answers carry."""
+    predictor = options.spec.load()
+    config = predictor.config
+    probe = predictor(torch.rand(1, config.num_frames, 3, config.image_size, config.image_size))
+    if probe.shape != (1, config.num_classes) or not torch.isfinite(probe).all():
+        raise RuntimeError(f"the model's probe answer is {list(probe.shape)} with non-finite values")
+    return predictor, model_sha256(options.spec)
+
+
+def build_service(options: ServeOptions, predictor, checkpoint_sha256: str | None) -> Service:
+    holder: dict = {}
+    # requests that will reach the batcher soon: those being read or decoded (for its wait at low load)
+    model = LocalModel(options, predictor, checkpoint_sha256,
+                       coming=lambda: holder["service"].uploading + holder["service"].working - len(
+                           model.batcher.queue) - model.batcher.in_pass)
+    holder["service"] = Service(options, model)
+    return holder["service"]
+
+
+class EmbeddedServer:
+    """uvicorn on host:port with the service; run() blocks until SIGINT/SIGTERM (uvicorn's graceful shutdown)."""
+
+    def __init__(self, options: ServeOptions, *, host: str = "127.0.0.1", port: int = 8000, predictor=None,
+                 checkpoint_sha256: str | None = None) -> None:
+        import uvicorn
+
+        from .api import make_api
+
+        check_options(options)
+        if predictor is None:
+            predictor, checkpoint_sha256 = load_model(options)
+        self.service = build_service(options, predictor, checkpoint_sha256)
+        app = make_api()
+        app.state.service = self.service
+        self.config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
+                                     timeout_keep_alive=5, lifespan="off", server_header=False)
+        self.server = uvicorn.Server(self.config)
+
+    def run(self) -> None:
+        self.server.run()
+        self.close()
+
+    def start_in_thread(self, timeout_s: float = 30.0) -> threading.Thread:
+        """Serve from a thread (uvicorn installs no signal handler off the main thread: the caller stops it);
+        returns once the port is open."""
+        thread = threading.Thread(target=self.run, name="stt_fast-serve", daemon=True)
+        thread.start()
+        deadline = time.monotonic() + timeout_s
+        while not self.server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the embedded server did not start")
+            time.sleep(0.02)
+        return thread
+
+    def stop(self, thread: threading.Thread | None = None) -> None:
+        self.server.should_exit = True
+        if thread is not None:
+            thread.join(timeout=30)
+
+    def close(self) -> None:
+        self.service.model.batcher.close()
+        self.service.decode_pool.shutdown(wait=False, cancel_futures=True)
