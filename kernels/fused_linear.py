@@ -44,7 +44,8 @@ from .st_attention import (
     interpreting,
 )
 
-AUTOTUNE_KEY = ("N", "K", "NORM", "GELU", "HAS_RES", "TOKENS", "M_BUCKET")
+AUTOTUNE_KEY = ("N", "K", "HAS_BIAS", "BIAS_TABLE", "NORM", "GELU", "HAS_RES", "SKIP_CLS", "TOKENS", "DOT_FP32",
+                "PRECISION", "M_BUCKET")  # every specialisation: one call site's tuning is never another's
 
 if HAS_TRITON:
     import triton

@@ -172,7 +172,12 @@ if device.startswith("cuda"):  # the cuDNN fused routes against the unfused ops,
         w = (torch.randn(64, 64, 3, 3, dtype=dtype, device=device) * 0.05).to(memory_format=torch.channels_last)
         b, r = torch.randn(64, dtype=dtype, device=device), torch.randn_like(x)
         for residual in (None, r):
+            # freed memory poisoned with NaN first: cudnn_convolution_relu hands cuDNN its uninitialised output as
+            # the (alpha 0) add input; an engine computing 0 x NaN would give NaN, caught here
+            poison = [torch.full_like(x, float("nan")) for _ in range(8)]
+            del poison
             got = conv_bias_relu(x, w, b, [1, 1], [1, 1], residual)
+            assert torch.isfinite(got).all(), f"conv_bias_relu {dtype} gave NaN over NaN-poisoned memory"
             ref = conv_bias_relu_reference(*(t.double() for t in (x, w, b)), [1, 1], [1, 1],
                                            None if residual is None else residual.double())
             check(got, ref, dtype, f"conv_bias_relu {str(dtype)[6:]} {'add' if residual is not None else 'plain'}")
@@ -199,7 +204,8 @@ def item_kernels(device: torch.device, out: Path, config: STTConfig, quick: bool
     worst = max(report["worst_relative_error"].items(), key=lambda kv: kv[1])
     forced = f", every launch-table candidate forced once ({report['candidates']})" if report["candidates"] else ""
     if report.get("fused_routes"):
-        forced += ", the cuDNN conv+bias+ReLU(+add) routes against the unfused ops"
+        forced += (", the cuDNN conv+bias+ReLU(+add) routes against the unfused ops (over freed memory poisoned "
+                   "with NaN)")
     return (f"{report['checked']} st_attention checks (3 modes x fp16/bf16/fp32 x head dims 16-128; whole output, "
             f"worst row and cls rows), {report['linear_checks']} fused_linear and cls_attention checks and "
             f"add_layer_norm {where}{forced}; largest relative error {worst[1]:.1e} "

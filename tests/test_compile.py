@@ -475,3 +475,36 @@ def test_onnxruntime_refuses_bf16_with_the_reason_and_is_not_tried_for_it(monkey
     monkeypatch.setenv("STT_FAST_CPU_ISA", "avx512f,avx512_bf16")
     compiled = stt_fast.compile(model, backend="onnxruntime")  # the automatic precision skips what it cannot run
     assert compiled.dtype == torch.float32 and compiled.fallback_reason is None
+
+
+def test_warm_up_runs_each_batch_size_once_before_requests():
+    """A server warms every batch bucket it will serve (CUDA graphs captured, kernels tuned) before the first
+    request, so that no request pays for it under the graph cache's lock."""
+    model = trained_looking(get_config("tiny"))
+    compiled = stt_fast.compile(model, backend="torch", dtype="fp32")
+    seen = []
+    original = compiled.program.forward
+    compiled.program.forward = lambda x: (seen.append((x.shape[0], x.dtype)), original(x))[1]
+    compiled.warm_up([4, 1, 2, 2])
+    assert seen == [(1, torch.uint8), (2, torch.uint8), (4, torch.uint8)]
+
+
+def test_a_convolution_cudnn_cannot_fuse_runs_unfused_and_is_asked_once(caplog):
+    """cuDNN may have no fused conv+bias+ReLU engine for a shape (the 3-channel stem): that convolution runs
+    unfused (the same numbers), logged once, instead of failing the program."""
+    from stt_fast.compiler import conv_ops
+
+    calls = []
+
+    def no_engine(*args):
+        calls.append(args)
+        raise RuntimeError("CUDNN_STATUS_NOT_SUPPORTED: no engine")
+
+    x, w, b = torch.randn(2, 3, 16, 16), torch.randn(8, 3, 3, 3), torch.randn(8)
+    expected = conv_ops.conv_bias_relu_reference(x, w, b, [1, 1], [1, 1])
+    with caplog.at_level("WARNING"):
+        for _ in range(3):
+            got = conv_ops.fused_or_unfused(x, w, b, [1, 1], [1, 1], None, relu=no_engine)
+            torch.testing.assert_close(got, expected)
+    assert len(calls) == 1 and sum("runs unfused" in r.getMessage() for r in caplog.records) == 1
+    conv_ops._UNFUSED.clear()

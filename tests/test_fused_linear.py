@@ -133,3 +133,16 @@ def test_bad_input_is_named(name):
     a, w, b, kwargs = make(a, w, b)
     with pytest.raises(ValueError, match=message):
         fused_linear(a, w, b, **kwargs)
+
+
+def test_the_autotune_key_holds_every_specialisation():
+    """Each constexpr flag of the kernel (the fused steps, the precision) keys the tuning: a tile tuned for the
+    qkv product (no residual, no cls rows kept) is never reused for the residual product of the same N and K."""
+    import importlib
+    import inspect
+
+    impl = importlib.import_module("stt_fast.kernels.fused_linear")
+    kernel = impl._fused_linear_kernel
+    parameters = inspect.signature(getattr(kernel, "fn", kernel)).parameters
+    flags = {name for name, p in parameters.items() if "constexpr" in str(p.annotation)}
+    assert flags - {"BLOCK_M", "BLOCK_N", "BLOCK_K"} <= set(impl.AUTOTUNE_KEY), sorted(flags - set(impl.AUTOTUNE_KEY))

@@ -127,3 +127,28 @@ def test_reference_torch_compile_fullgraph():
     x = clips(config, 2)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype,exact", [(torch.float32, True), (torch.float16, False)], ids=["fp32", "fp16"])
+def test_a_float32_program_runs_without_tf32_and_the_users_settings_come_back(dtype, exact):
+    """cuDNN runs float32 convolutions in TF32 by default (6e-4 on the paper model's logits, over the 1e-4
+    tolerance): during a float32 program's call on CUDA, TF32 is off for convolutions and products; before and
+    after, the settings are the user's. A half-precision program leaves them alone."""
+    from stt_fast.compiler import CompiledSTT
+    from stt_fast.compiler.precision import tf32_in_force
+
+    config = get_config("tiny")
+    seen = []
+
+    class Recorder(torch.nn.Module):
+        def forward(self, x):
+            seen.append(tf32_in_force())
+            return torch.zeros(x.shape[0], config.num_classes, device=x.device)
+
+    compiled = CompiledSTT(Recorder(), config=config, device=torch.device("cuda", 0), dtype=dtype, backend="torch")
+    before = tf32_in_force()
+    assert before, "PyTorch's default: TF32 for cuDNN's float32 convolutions"
+    with FakeTensorMode():
+        compiled(torch.empty(2, config.num_frames, 3, config.image_size, config.image_size, device="cuda",
+                             dtype=torch.uint8))
+    assert seen == [not exact] and tf32_in_force() == before

@@ -14,7 +14,7 @@ from stt_fast.kernels.st_attention import HAS_TRITON, interpreting
 from stt_fast.model import STT
 
 from .cuda_graphs import CudaGraphCapture, GraphCache
-from .precision import default_precisions, runs
+from .precision import default_precisions, exact_float32, runs
 from .program import STTProgram
 from .validation import ValidationError, ValidationReport, probe_clips
 from .validation import validate as _validate
@@ -70,10 +70,17 @@ class CompiledSTT(nn.Module):
 
     def forward(self, clips: torch.Tensor) -> torch.Tensor:
         check_clips(clips, self.config, values_on_device=False)
-        with torch.no_grad():
+        with torch.no_grad(), exact_float32(self.device, self.dtype):  # no TF32 in a float32 program
             if self.graphs is not None:  # the graph's replay copies the clips to the device itself, once
                 return self.graphs(clips)
             return self._infer(clips.to(self.device, non_blocking=True))
+
+    def warm_up(self, batch_sizes) -> None:
+        """Run one call at each of batch_sizes (uint8 zeros): kernels compile and autotune, and CUDA graphs are
+        captured for their buckets, before the first real request rather than under its lock."""
+        c = self.config
+        for batch in sorted(set(batch_sizes)):
+            self(torch.zeros(batch, c.num_frames, 3, c.image_size, c.image_size, dtype=torch.uint8))
 
     @property
     def has_halves(self) -> bool:
@@ -85,14 +92,14 @@ class CompiledSTT(nn.Module):
         -> features [F, N, C] on the device. Without CUDA graphs: the timeline calls it on a few frames."""
         if not self.has_halves:
             raise NotImplementedError(f"the {self.backend!r} backend runs the whole model only")
-        with torch.no_grad():
+        with torch.no_grad(), exact_float32(self.device, self.dtype):
             return self.program.frame_features(frames.to(self.device, non_blocking=True))
 
     def classify_features(self, features: torch.Tensor) -> torch.Tensor:
         """The per-clip half: features [B, T*N, C] (from frame_features) -> logits [B, K] float32."""
         if not self.has_halves:
             raise NotImplementedError(f"the {self.backend!r} backend runs the whole model only")
-        with torch.no_grad():
+        with torch.no_grad(), exact_float32(self.device, self.dtype):
             return self.program.classify_features(features.to(self.device))
 
     def extra_repr(self) -> str:

@@ -15,6 +15,8 @@ unfused one on the device by `stt-fast selftest`; a failure there makes backend=
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 
@@ -28,15 +30,37 @@ def conv_bias_relu_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.
     return torch.relu_(out)
 
 
+_UNFUSED: set[tuple] = set()  # (input channels, output channels, kernel, dtype) cuDNN had no fused engine for
+
+
 @torch.library.custom_op("stt_fast::conv_bias_relu", mutates_args=())
 def conv_bias_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, stride: list[int], padding: list[int],
                    residual: torch.Tensor | None = None) -> torch.Tensor:
-    """One cuDNN launch on CUDA; the reference elsewhere."""
+    """One cuDNN launch on CUDA; the reference elsewhere, and where cuDNN finds no fused engine for the shape
+    (the 3-channel stem may have none): that convolution then runs unfused, logged once, instead of failing
+    the whole program and dropping it to the torch backend."""
     if x.device.type != "cuda":
         return conv_bias_relu_reference(x, weight, bias, stride, padding, residual)
-    if residual is None:
-        return torch.cudnn_convolution_relu(x, weight, bias, stride, padding, [1, 1], 1)
-    return torch.cudnn_convolution_add_relu(x, weight, residual, 1.0, bias, stride, padding, [1, 1], 1)
+    return fused_or_unfused(x, weight, bias, stride, padding, residual)
+
+
+def fused_or_unfused(x, weight, bias, stride, padding, residual, relu=None, add_relu=None) -> torch.Tensor:
+    """cuDNN's fused call (relu, add_relu: torch.cudnn_convolution_relu / _add_relu), or the unfused ops for a
+    shape cuDNN has no fused engine for (remembered, so that it is asked once)."""
+    shape = (x.shape[1], weight.shape[0], tuple(weight.shape[2:]), x.dtype)
+    if shape in _UNFUSED:
+        return conv_bias_relu_reference(x, weight, bias, stride, padding, residual)
+    try:
+        if residual is None:
+            return (relu or torch.cudnn_convolution_relu)(x, weight, bias, stride, padding, [1, 1], 1)
+        return (add_relu or torch.cudnn_convolution_add_relu)(x, weight, residual, 1.0, bias, stride, padding,
+                                                              [1, 1], 1)
+    except RuntimeError as e:  # cuDNN: no engine for this fused graph
+        _UNFUSED.add(shape)
+        logging.getLogger(__name__).warning("stt_fast: cuDNN has no fused conv+bias+ReLU for %s channels -> %s "
+                                            "(%s): that convolution runs unfused", shape[0], shape[1],
+                                            str(e).splitlines()[0][:200])
+        return conv_bias_relu_reference(x, weight, bias, stride, padding, residual)
 
 
 @conv_bias_relu.register_fake

@@ -7,9 +7,12 @@ graph's static input, the rows after them keep earlier clips (every row of this 
 independently of the others), and only the first rows of the static output are returned, as a copy.
 
 Clips are copied once, into the graph's static input: from the CPU through a page-locked staging buffer
-(so that the copy is asynchronous), or directly from the device. One lock serialises capture and replay:
-the compiled module may be called from several threads, but it serves one stream, one call at a time
-(all graphs share one memory pool, which that needs); run one compiled module per stream to overlap.
+(so that the copy is asynchronous), or directly from the device. One lock serialises capture and replay on
+the host, and every replay runs on one private stream that first waits for the caller's stream (the clips
+are ready) and that the caller's stream then waits for (the output is ready): so two threads calling from
+two streams cannot have one's copy into the static input overtake the other's replay or clone on the GPU,
+which ordering by each caller's own stream alone did not prevent. All graphs share one memory pool, which
+the one-at-a-time order also needs; run one compiled module per stream to overlap.
 
 The cache itself (buckets, least-recently-used eviction, the lock) does not depend on CUDA: ``capture``
 is the one CUDA-specific step, and tests exercise the cache on the CPU with a stand-in for it.
@@ -48,6 +51,7 @@ class CudaGraphCapture:
         self.device = device
         self.warmup = warmup
         self._pool = None
+        self._replay_stream = None  # every graph of this module replays on it (module docstring)
 
     def __call__(self, example: torch.Tensor) -> Replay:
         with torch.cuda.device(self.device):  # capture and replay on the module's device, not the current one
@@ -55,6 +59,9 @@ class CudaGraphCapture:
 
     def _capture(self, example: torch.Tensor) -> Replay:
         static_in = example.to(self.device, copy=True)
+        if self._replay_stream is None:
+            self._replay_stream = torch.cuda.Stream(self.device)
+        replay_stream = self._replay_stream
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):  # warm-up runs autotuning and allocations outside the graph
@@ -76,15 +83,21 @@ class CudaGraphCapture:
 
         def run(clips: torch.Tensor) -> torch.Tensor:
             rows = clips.shape[0]
-            if clips.device.type == "cpu":
-                copied.synchronize()  # the previous call's copy out of the staging buffer has finished
-                staging[:rows].copy_(clips)
-                static_in[:rows].copy_(staging[:rows], non_blocking=True)
-                copied.record(torch.cuda.current_stream(self.device))
-            else:
-                static_in[:rows].copy_(clips, non_blocking=True)
-            graph.replay()
-            return static_out[:rows].clone()
+            caller = torch.cuda.current_stream(self.device)
+            replay_stream.wait_stream(caller)  # the clips the caller's stream wrote are ready
+            with torch.cuda.stream(replay_stream):
+                if clips.device.type == "cpu":
+                    copied.synchronize()  # the previous call's copy out of the staging buffer has finished
+                    staging[:rows].copy_(clips)
+                    static_in[:rows].copy_(staging[:rows], non_blocking=True)
+                    copied.record(replay_stream)
+                else:
+                    static_in[:rows].copy_(clips, non_blocking=True)
+                graph.replay()
+                out = static_out[:rows].clone()
+            caller.wait_stream(replay_stream)  # the caller's next work sees the output
+            out.record_stream(caller)  # made on the replay stream, used on the caller's
+            return out
 
         return replay
 

@@ -11,7 +11,9 @@ when it fails (the reason is kept on the module as .dtype_reason).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 
 import torch
 
@@ -54,3 +56,66 @@ PRECISIONS = {"onnxruntime": (torch.float32, torch.float16), "openvino": (torch.
 
 def runs(backend: str, dtype: torch.dtype) -> bool:
     return dtype in PRECISIONS.get(backend, (dtype,))
+
+
+# --- float32 means float32 on CUDA ---------------------------------------------------------------------------
+#
+# cuDNN runs float32 convolutions in TF32 by default (torch.backends.cudnn.conv.fp32_precision "tf32", formerly
+# allow_tf32 True): 10-bit mantissas. Rounding the paper model's convolution inputs and weights to TF32 alone
+# moved its logits by 6.0e-4 (relative L2, measured on the CPU), six times the float32 tolerance of 1e-4. So a
+# float32 program runs with TF32 off for convolutions and matrix products, for the length of each call (warm-up,
+# CUDA graph capture and eager calls alike: they all go through CompiledSTT's calls); the user's settings are
+# restored after. Counted, so that calls from several threads at once set and restore them once.
+
+_tf32_lock = threading.Lock()
+_tf32_users = 0
+_tf32_saved: dict = {}
+
+
+def _tf32_flags() -> dict:
+    """The current TF32 settings: the fp32_precision API (torch >= 2.9) where it exists, else allow_tf32."""
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if conv is not None and hasattr(conv, "fp32_precision"):
+        return {"conv": conv.fp32_precision, "matmul": torch.backends.cuda.matmul.fp32_precision}
+    return {"cudnn": torch.backends.cudnn.allow_tf32, "cublas": torch.backends.cuda.matmul.allow_tf32}
+
+
+def _set_tf32_flags(flags: dict) -> None:
+    if "conv" in flags:
+        torch.backends.cudnn.conv.fp32_precision = flags["conv"]
+        torch.backends.cuda.matmul.fp32_precision = flags["matmul"]
+    else:
+        torch.backends.cudnn.allow_tf32 = flags["cudnn"]
+        torch.backends.cuda.matmul.allow_tf32 = flags["cublas"]
+
+
+def tf32_in_force() -> bool:
+    """Whether float32 convolutions or matrix products may run in TF32 now."""
+    flags = _tf32_flags()
+    if "conv" in flags:
+        return flags["conv"] == "tf32" or flags["matmul"] == "tf32"
+    return bool(flags["cudnn"] or flags["cublas"])
+
+
+@contextlib.contextmanager
+def exact_float32(device: torch.device, dtype: torch.dtype):
+    """TF32 off for the block when a float32 program runs on CUDA (above); nothing otherwise."""
+    global _tf32_users
+    if device.type != "cuda" or dtype != torch.float32:
+        yield
+        return
+    with _tf32_lock:
+        if _tf32_users == 0:
+            _tf32_saved.update(_tf32_flags())
+            ieee = ({"conv": "ieee", "matmul": "ieee"} if "conv" in _tf32_saved else
+                    {"cudnn": False, "cublas": False})
+            _set_tf32_flags(ieee)
+        _tf32_users += 1
+    try:
+        yield
+    finally:
+        with _tf32_lock:
+            _tf32_users -= 1
+            if _tf32_users == 0:
+                _set_tf32_flags(dict(_tf32_saved))
+                _tf32_saved.clear()

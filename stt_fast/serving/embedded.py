@@ -65,8 +65,13 @@ def model_sha256(spec) -> str | None:
 def load_model(options: ServeOptions) -> tuple[object, str | None]:
     """The predictor of options.spec, checked by one probe clip (a model that cannot run fails here, before the
     port opens), and the hash its answers carry."""
+    from stt_fast.compiler.cuda_graphs import graph_batch
+
     predictor = options.spec.load()
     config = predictor.config
+    warm_up = getattr(predictor.run, "warm_up", None)  # stt_fast.compile's module: every batch bucket served
+    if warm_up is not None:
+        warm_up({graph_batch(b) for b in range(1, options.max_batch + 1)})
     probe = predictor(torch.rand(1, config.num_frames, 3, config.image_size, config.image_size))
     if probe.shape != (1, config.num_classes) or not torch.isfinite(probe).all():
         raise RuntimeError(f"the model's probe answer is {list(probe.shape)} with non-finite values")
