@@ -311,7 +311,8 @@ def write_report(root: str | os.PathLike, markdown_path: str | os.PathLike | Non
     refuse_to_replace([Path(plots_dir) / name for name in PLOT_FILES] if plots_dir else [], overwrite)
     results = load_results(root, include_selftest=include_selftest)
     if not results:
-        raise ValueError(f"no benchmark results under {root}")
+        raise ValueError(f"no benchmark results under {root}: run `make bench` (or `stt-fast bench`) to make some, "
+                         "or read the committed ones: `stt-fast bench report benchmarks/results`")
     text = markdown(results)
     if markdown_path:
         write_text_atomic(markdown_path, text)

@@ -76,6 +76,10 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[STTConfig, dict[str, torch
     present, the config within CONFIG_BOUNDS), then every tensor's name and shape against the config's
     model, all before a tensor is read; then the weights against their hash."""
     path = Path(path)
+    if path.is_dir():
+        found = sorted(path.glob("*.safetensors"))
+        hint = f": pass a file in it, e.g. {found[0]}" if found else " (it holds no .safetensors file)"
+        raise IsADirectoryError(f"{path} is a folder, not a checkpoint file{hint}")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     st = _safetensors()

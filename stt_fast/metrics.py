@@ -70,7 +70,7 @@ def plot_confusion_matrix(cm, path: str | os.PathLike, labels: Sequence[str] = E
             ax.text(j, i, int(cm[i, j]), ha="center", va="center",
                     color="white" if rates[i, j] > 0.5 else "black", fontsize=8)
     ax.set_title(title or f"WAR {war(cm):.3f}  UAR {uar(cm):.3f}")
-    fig.colorbar(image, ax=ax, fraction=0.046)
+    fig.colorbar(image, ax=ax, fraction=0.046).set_label("share of the true class's clips (row-normalised)")
     fig.tight_layout()
     with atomic_output(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)

@@ -304,18 +304,21 @@ def plot_timeline(results: Sequence[WindowResult], found: Sequence[Segment], lab
     from .files import atomic_output
 
     colours = {name: plt.get_cmap("tab10")(i % 10) for i, name in enumerate(labels)}
-    fig, (ax, bar) = plt.subplots(2, 1, figsize=(11, 4.5), sharex=True, gridspec_kw={"height_ratios": [4, 1]})
+    fig, (ax, bar) = plt.subplots(2, 1, figsize=(11, 4.8), sharex=True, gridspec_kw={"height_ratios": [4, 1]})
     centres = [r.centre for r in results]
     for name in labels:
         values = [r.probabilities[name] if r.probabilities else float("nan") for r in results]
-        ax.plot(centres, values, color=colours[name], label=name, linewidth=1.5)
-    for r in results:
-        if r.face is False:
-            ax.axvspan(r.centre - 0.5 * (r.end - r.start) / 4, r.centre + 0.5 * (r.end - r.start) / 4,
-                       color="0.85", linewidth=0)
+        if any(v == v for v in values):  # a class with no window to show (no face anywhere) gets no line
+            ax.plot(centres, values, color=colours[name], label=name, linewidth=1.5)
+    faceless = [s for s in found if s.label is None]
+    for i, s in enumerate(faceless):  # windows without a face: the same extent as their segment in the strip below
+        ax.axvspan(s.start, s.end, color="0.88", linewidth=0, label="no face" if i == 0 else None)
     ax.set_ylim(0, 1)
     ax.set_ylabel("probability")
-    ax.legend(ncol=len(labels), fontsize=8, loc="upper center", bbox_to_anchor=(0.5, 1.18), frameon=False)
+    handles, names = ax.get_legend_handles_labels()
+    if handles:
+        ax.legend(handles, names, ncol=min(len(handles), 8), fontsize=8, loc="lower center",
+                  bbox_to_anchor=(0.5, 1.0), frameon=False)
     for s in found:
         colour = colours.get(s.label, "0.8") if s.label else "0.8"
         bar.barh(0, s.end - s.start, left=s.start, color=colour, edgecolor="white")
@@ -323,9 +326,9 @@ def plot_timeline(results: Sequence[WindowResult], found: Sequence[Segment], lab
             bar.text((s.start + s.end) / 2, 0, s.label or "no face", ha="center", va="center", fontsize=8)
     bar.set_yticks([])
     bar.set_xlabel("seconds")
-    if title:
-        fig.suptitle(title, fontsize=9, y=0.02, ha="left", x=0.01)
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    fig.tight_layout(rect=(0, 0.06 if title else 0, 1, 1))
+    if title:  # a footer below the axes, inside the figure
+        fig.text(0.01, 0.01, title, fontsize=8, ha="left", va="bottom")
     with atomic_output(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)

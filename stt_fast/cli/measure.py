@@ -67,7 +67,8 @@ def _cmd_bench_report(args: argparse.Namespace) -> int:
     if args.baseline:
         current = load_results(args.current or root)
         if not current:
-            raise ValueError(f"no benchmark results under {args.current or root}")
+            raise ValueError(f"no benchmark results under {args.current or root}: run `make bench` (or `stt-fast "
+                             "bench`), or read the committed ones: `stt-fast bench report benchmarks/results`")
         baseline = load_results(args.baseline)
         if not baseline:
             raise ValueError(f"{args.baseline} holds no benchmark result")

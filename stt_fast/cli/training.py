@@ -51,11 +51,15 @@ TRAIN_SETUP = ("config", "init", "backbone_weights", "layout", "fold", "train_sp
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from stt_fast.checkpoint import load_checkpoint, load_torchvision_resnet18
     from stt_fast.config import get_config
     from stt_fast.model import STT
     from stt_fast.training import TrainOptions, read_run, train
 
+    if not args.resume and (Path(args.output) / "log.jsonl").exists():  # before the data is read
+        raise ValueError(f"{args.output} already holds a run; pass --resume to continue it or choose another folder")
     if args.resume:  # the run's own options, except those given again on this command line
         saved = read_run(args.output)
         for dest, field in TRAIN_OPTIONS.items():

@@ -79,7 +79,8 @@ def dfew_items(root: str | os.PathLike, fold: int, split: str, *, skip_missing: 
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     annotation = root / DFEW_SPLIT_DIR / f"{split}(single-labeled)" / f"set_{fold}.csv"
     if not annotation.is_file():
-        raise FileNotFoundError(f"DFEW annotation file not found: {annotation}")
+        raise FileNotFoundError(f"DFEW annotation file not found: {annotation} (for a set laid out as class folders, "
+                                "ROOT/Train/<Class>/<clip>, pass --layout folders)")
     items = []
     with open(annotation, newline="") as f:
         for line, row in enumerate(csv.DictReader(f), start=2):
