@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from stt_fast.data.datasets import ClipDataset, class_folder_items, collate_clips, dfew_items, make_loader
-from stt_fast.data.face import crop_square, crop_to_face
+from stt_fast.data.face import crop_square, largest_face, probe_positions
 from stt_fast.data.sampling import sample_indices
 from stt_fast.data.synthetic import SynthConfig, synth_clip, write_synthetic_dfew
 from stt_fast.data.transforms import eval_transform, train_transform
@@ -210,17 +210,24 @@ def test_training_data_skips_and_reports_bad_clips(tmp_path, synth_root):
         strict[0]
 
 
-def test_no_face_found_is_named():
-    blank = torch.full((4, 3, 64, 64), 128, dtype=torch.uint8)
-    with pytest.raises(BadClipError, match=r"clip\.mp4: no face found"):
-        crop_to_face(blank, "clip.mp4")
+def test_no_face_found_is_named(tmp_path):
+    from PIL import Image
+
+    from stt_fast.data.pipeline import ClipPipeline
+
+    clip = tmp_path / "clip"
+    clip.mkdir()
+    for i in range(4):
+        Image.new("RGB", (64, 64), (128, 128, 128)).save(clip / f"{i:03d}.png")
+    with pytest.raises(BadClipError, match=r"clip: no face found"):
+        ClipPipeline(4, 32, detect_face=True, no_face="error").load(clip)
 
 
 def test_face_crop_geometry_with_a_given_detector():
     frames = torch.arange(4 * 3 * 100 * 120, dtype=torch.int32).view(4, 3, 100, 120)
     detections = iter([[(30, 40, 20, 24)], [], [(10, 10, 5, 5)], []])
-    cropped = crop_to_face(frames, "x", detector=lambda rgb: next(detections))
-    assert cropped.shape == (4, 3, 36, 36)  # the largest face, 24 px, with 25% margin on each side
-    assert torch.equal(cropped, crop_square(frames, (30, 40, 20, 24)))
+    box = largest_face([frames[i].permute(1, 2, 0).numpy() for i in probe_positions(4)], lambda rgb: next(detections))
+    cropped = crop_square(frames, box)
+    assert box == (30, 40, 20, 24) and cropped.shape == (4, 3, 36, 36)  # 24 px, with 25% margin on each side
     corner = crop_square(frames, (0, 0, 50, 50))  # clamped to the frame
     assert torch.equal(corner, frames[..., 0:75, 0:75])

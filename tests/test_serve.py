@@ -432,15 +432,25 @@ def test_concurrent_requests_share_forward_passes(service):
 
 
 @pytest.mark.parametrize("make,status,message", [
-    (lambda s: (b"\x00" * (600 * 1024), "video/mp4"), 413, "0.5 MiB"),
     (lambda s: (b"definitely not a video", "video/mp4"), 400, "could not be read as a video"),
     (lambda s: (_npy(np.zeros((4, 3, 32, 32), np.uint8)), "application/x-npy"), 400, r"must be uint8 \[4, 3, 64, 64\]"),
     (lambda s: _multipart("a.mp4", b"xx", field="video"), 400, "without a 'file' field"),
     (lambda s: _multipart("a.exe", b"xx"), 400, "not a video this server reads"),
-], ids=["413-too-large", "400-unreadable", "400-npy-shape", "400-no-file", "400-suffix"])
+], ids=["400-unreadable", "400-npy-shape", "400-no-file", "400-suffix"])
 def test_refusals_carry_their_reason(service, make, status, message):
     code, answer, _ = _post(service.base, *make(service))
     assert code == status and re.search(message, answer["error"]), answer
+
+
+def test_a_body_declared_too_large_is_refused_before_it_is_sent(service):
+    """413 from the headers alone: the client has sent no byte of its 600 KB body (over the 0.5 MiB limit)."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", service.port), timeout=30) as conn:
+        conn.sendall(f"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: video/mp4\r\nAuthorization: Bearer "
+                     f"{API_KEY}\r\nContent-Length: {600 * 1024}\r\n\r\n".encode())
+        answer = conn.recv(65536).decode()
+    assert answer.startswith("HTTP/1.1 413") and "0.5 MiB" in answer, answer
 
 
 def test_unknown_routes_are_404_and_health_and_readiness(service):

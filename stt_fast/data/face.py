@@ -25,8 +25,6 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from .video import BadClipError
-
 Box = tuple[int, int, int, int]  # top, left, height, width
 Detector = Callable[[np.ndarray], list[Box]]  # RGB uint8 [H, W, 3] -> boxes
 
@@ -120,11 +118,3 @@ def crop_square(frames: torch.Tensor, box: Box, margin: float = 0.25) -> torch.T
     """A square around box, enlarged by margin on each side and clamped to the frame: [T, 3, s, s]."""
     y0, x0, side, _ = square_around(box, *frames.shape[-2:], margin=margin)
     return frames[..., y0:y0 + side, x0:x0 + side]
-
-
-def crop_to_face(frames: torch.Tensor, source: str, detector: Detector | None = None) -> torch.Tensor:
-    """frames cropped to the clip's face; BadClipError naming `source` when no face is found."""
-    box = face_box(frames, detector or haar_detector())
-    if box is None:
-        raise BadClipError(f"{source}: no face found in the clip")
-    return crop_square(frames, box)

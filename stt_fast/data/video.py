@@ -325,9 +325,11 @@ def even_region(region: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
     return top, left, max(2, h - h % 2), max(2, w - w % 2)
 
 
-def read_video(path: str | os.PathLike, indices: list[int], limits: ReadLimits = DEFAULT_LIMITS) -> torch.Tensor:
-    """The frames at indices (repeats allowed), full size: uint8 [len(indices), 3, H, W]."""
+def read_video(path: str | os.PathLike, indices: list[int] | Callable[[int], list[int]],
+               limits: ReadLimits = DEFAULT_LIMITS) -> torch.Tensor:
+    """The frames at indices (repeats allowed; or indices(frame count)), full size: uint8 [len, 3, H, W]."""
     info = probe_video(path, limits)
+    indices = indices(info.frames) if callable(indices) else indices
     frames = decode_frames(info, indices, limits)
     return _to_tensor([frame_rgb(frames[i]) for i in indices])
 
@@ -347,7 +349,4 @@ def read_clip(path: str | os.PathLike, choose: Callable[[int], list[int]],
         raise BadClipError(f"{path}: clip not found")
     if not is_video(path):
         raise BadClipError(f"{path}: not a video file or a folder of frames")
-    info = probe_video(path, limits)
-    indices = choose(info.frames)
-    frames = decode_frames(info, indices, limits)
-    return _to_tensor([frame_rgb(frames[i]) for i in indices])
+    return read_video(path, choose, limits)

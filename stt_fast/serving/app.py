@@ -21,7 +21,6 @@ import torch
 from ray import serve
 
 from .api import make_api
-from .ports import check_port_free  # noqa: F401 (where callers of the Ray mode found it)
 from .service import ServeOptions, check_options
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,6 @@ import email.parser
 import email.policy
 import io
 import os
-import tempfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -122,20 +121,3 @@ def clip_from_npy(data: bytes, num_frames: int, image_size: int) -> torch.Tensor
     if fortran:
         array = array.transpose()
     return torch.from_numpy(array.copy()).float() / 255  # a writable copy: frombuffer arrays are read-only
-
-
-def clip_from_video(data: bytes, suffix: str, pipeline) -> tuple[torch.Tensor, list[str]]:
-    """A video file's bytes -> (float32 [T, 3, S, S] clip, warnings), through `pipeline` (a ClipPipeline:
-    what `stt-fast predict` does); 400 with the decoder's reason for a file it cannot read."""
-    from stt_fast.data.video import BadClipError
-
-    with tempfile.TemporaryDirectory(prefix="stt_fast-upload-") as folder:
-        path = os.path.join(folder, f"upload{suffix}")
-        with open(path, "wb") as f:
-            f.write(data)
-        try:
-            clip, warnings = pipeline.load(path)
-        except BadClipError as e:
-            reason = str(e).replace(path, "upload")
-            raise UploadError(400, f"the uploaded file could not be read as a video: {reason}") from None
-    return clip, warnings
