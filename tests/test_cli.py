@@ -576,3 +576,27 @@ def test_third_party_loggers_stay_quiet_at_info(caplog):
     assert logging.getLogger("stt_fast").level == logging.INFO
     for name in NOISY_LOGGERS:
         assert not logging.getLogger(name).isEnabledFor(logging.INFO), name
+
+
+def test_mistakes_a_new_user_makes_say_what_to_do(synth_root, checkpoint, tmp_path, monkeypatch, capsys):
+    """A checkpoint folder names a file in it; an empty results folder points at `make bench` and the committed
+    results; a set without DFEW files mentions --layout folders; train into a run refuses before reading data."""
+    from stt_fast.data import datasets
+
+    assert main(["predict", str(synth_root / "Clip" / "original" / "00003.mp4"), "--checkpoint",
+                 str(checkpoint.parent), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "is a folder, not a checkpoint file: pass a file in it" in err and "m.safetensors" in err
+    (tmp_path / "empty").mkdir()
+    assert main(["bench", "report", str(tmp_path / "empty")]) == 2
+    assert "make bench" in capsys.readouterr().err
+    folders = tmp_path / "afew"
+    (folders / "Train" / "Happy").mkdir(parents=True)
+    assert main(["eval", str(folders), "--checkpoint", str(checkpoint), "--quiet"]) == 2
+    assert "--layout folders" in capsys.readouterr().err
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "log.jsonl").write_text("{}\n")
+    monkeypatch.setattr(datasets, "dfew_items", lambda *a, **k: pytest.fail("the data was read before refusing"))
+    assert main(_train_args(synth_root, run, "--epochs", "1")) == 2
+    assert "already holds a run; pass --resume" in capsys.readouterr().err
