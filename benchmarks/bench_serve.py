@@ -223,12 +223,6 @@ def _direct(predictor, clips: torch.Tensor, batch: int, rounds: int = 3) -> floa
     return len(clips) / (timing.min_ms / 1e3)
 
 
-def _echo_api(num_frames: int, image_size: int):
-    from .echo_app import echo_api
-
-    return echo_api(num_frames, image_size)
-
-
 class _Uvicorn:
     """An ASGI app on uvicorn in a thread of this process (the floor)."""
 
@@ -253,8 +247,10 @@ def _ray_echo(num_frames: int, image_size: int, port: int) -> None:
     """The Ray mode's floor: the echo as one Ray Serve deployment (Ray and Serve started by the caller's start())."""
     from ray import serve
 
+    from .echo_app import echo_api
+
     @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)
-    @serve.ingress(_echo_api(num_frames, image_size))
+    @serve.ingress(echo_api(num_frames, image_size))
     class Echo:
         pass
 
@@ -274,6 +270,8 @@ def run(configs=("tiny", "paper"), modes=("embedded", "ray"), replicas=(1, 2), c
     from stt_fast.predictors import ModelSpec, load_predictor
     from stt_fast.serving.embedded import EmbeddedServer
     from stt_fast.serving.service import ServeOptions
+
+    from .echo_app import echo_api
 
     rows, floors, peers, checks = [], [], [], []
 
@@ -321,7 +319,7 @@ def run(configs=("tiny", "paper"), modes=("embedded", "ray"), replicas=(1, 2), c
             spec = ModelSpec(backend, str(checkpoint), None, None, "cpu")
             options = ServeOptions(spec, cpus_per_replica=1.0, max_batch=max_batch, batch_wait_ms=batch_wait_ms,
                                    max_queue=max(64, 2 * max(concurrencies)))
-            echo = _Uvicorn(_echo_api(config.num_frames, config.image_size), port := free_port())
+            echo = _Uvicorn(echo_api(config.num_frames, config.image_size), port := free_port())
             try:
                 measure_floor(f"http://127.0.0.1:{port}", "uvicorn-echo", name, bodies)
             finally:

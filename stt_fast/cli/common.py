@@ -155,18 +155,17 @@ def add_face_args(p: argparse.ArgumentParser) -> None:
                         "frames (with a warning), or an error")
 
 
-def add_limit_args(p: argparse.ArgumentParser, frame_size_default: str = "4096x2160",
-                   seconds_default: float | None = None, frames_default: int | None = None) -> None:
-    """--max-frame-size, --max-seconds, --max-frames: a video beyond them is refused before it is decoded
-    (defaults: stt_fast.data.video.ReadLimits')."""
+def add_limit_args(p: argparse.ArgumentParser, limits=None) -> None:
+    """--max-frame-size, --max-seconds, --max-frames: a video beyond them is refused before it is decoded.
+    Their defaults are limits' (a stt_fast.data.video.ReadLimits; its DEFAULT_LIMITS when None)."""
     from stt_fast.data.video import DEFAULT_LIMITS
 
-    p.add_argument("--max-frame-size", type=frame_size, default=frame_size_default, metavar="WxH",
-                   help="largest frame to decode, as WIDTHxHEIGHT or a pixel count")
-    p.add_argument("--max-seconds", type=positive_float, default=seconds_default or DEFAULT_LIMITS.max_seconds,
-                   help="longest video to read")
-    p.add_argument("--max-frames", type=positive_int, default=frames_default or DEFAULT_LIMITS.max_frames,
-                   help="most frames a video may hold")
+    limits = limits or DEFAULT_LIMITS
+    p.add_argument("--max-frame-size", type=frame_size, default=str(limits.max_frame_pixels), metavar="WxH",
+                   help=f"largest frame to decode, as WIDTHxHEIGHT or a pixel count (default: "
+                        f"{limits.max_frame_pixels:,} pixels)")
+    p.add_argument("--max-seconds", type=positive_float, default=limits.max_seconds, help="longest video to read")
+    p.add_argument("--max-frames", type=positive_int, default=limits.max_frames, help="most frames a video may hold")
 
 
 def limits_from_args(args):

@@ -68,7 +68,9 @@ def add_parsers(sub) -> None:
                    help="longest a request waits for its answer once uploaded (504 after it)")
     p.add_argument("--model-name", default="stt", help="the model's name in the /v2 (KServe) routes")
     add_face_args(p)
-    add_limit_args(p, frame_size_default="3840x2160", seconds_default=120.0, frames_default=7200)
+    from stt_fast.serving.service import SERVE_LIMITS
+
+    add_limit_args(p, SERVE_LIMITS)
     p.add_argument("--device", default=None, type=device_name,
                    help="cpu, cuda or cuda:N (default: cuda when available)")
     add_quiet(p)

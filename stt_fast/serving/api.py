@@ -37,6 +37,10 @@ def register(service: Service) -> None:
     _REGISTERED["service"] = service
 
 
+def unauthorised() -> JSONResponse:
+    return error(401, "this server needs its API key: Authorization: Bearer KEY", **{"WWW-Authenticate": "Bearer"})
+
+
 def _service(request: Request) -> Service:
     service = getattr(request.app.state, "service", None) or _REGISTERED.get("service")
     if service is None:
@@ -52,8 +56,7 @@ async def _answer(request: Request, work) -> Response:
     try:
         if not service.authorised(request.headers.get("authorization")):
             status = 401
-            return error(401, "this server needs its API key: Authorization: Bearer KEY", **{
-                "WWW-Authenticate": "Bearer"})
+            return unauthorised()
         answer: Answer = await work(service)
         status, batch = answer.status, answer.batch_size
         if isinstance(answer.body, bytes):
@@ -123,8 +126,7 @@ def make_api() -> FastAPI:
     async def metrics(request: Request):
         service = _service(request)
         if not service.authorised(request.headers.get("authorization")):
-            return error(401, "this server needs its API key: Authorization: Bearer KEY", **{"WWW-Authenticate":
-                                                                                              "Bearer"})
+            return unauthorised()
         return Response(service.metrics.text(), media_type="text/plain; version=0.0.4")
 
     # --- the Open Inference Protocol (kserve.py) ---------------------------------------------------------------

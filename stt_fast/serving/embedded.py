@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
 
 import torch
 
@@ -27,14 +26,13 @@ log = logging.getLogger("stt_fast.serving")
 class LocalModel:
     """The ModelClient of the embedded server: a predictor in this process behind a DynamicBatcher."""
 
-    def __init__(self, options: ServeOptions, predictor, checkpoint_sha256: str | None,
-                 coming: Callable[[], int] = lambda: 0) -> None:
+    def __init__(self, options: ServeOptions, predictor, checkpoint_sha256: str | None) -> None:
         from stt_fast.predict import class_names
 
         self.predictor = predictor
         self.labels = class_names(predictor.config.num_classes)
         self.batcher = DynamicBatcher(lambda clips: rows_of(self.predictor(clips), self.labels),
-                                      max_batch=options.max_batch, batch_wait_ms=options.batch_wait_ms, coming=coming)
+                                      max_batch=options.max_batch, batch_wait_ms=options.batch_wait_ms)
         # past their upload: the clip in the pass, max_queue waiting, and a batch's worth decoding
         self.capacity = 2 * options.max_batch + options.max_queue
         config = predictor.config
@@ -79,13 +77,12 @@ def load_model(options: ServeOptions) -> tuple[object, str | None]:
 
 
 def build_service(options: ServeOptions, predictor, checkpoint_sha256: str | None) -> Service:
-    holder: dict = {}
+    model = LocalModel(options, predictor, checkpoint_sha256)
+    service = Service(options, model)
+    batcher = model.batcher
     # requests that will reach the batcher soon: those being read or decoded (for its wait at low load)
-    model = LocalModel(options, predictor, checkpoint_sha256,
-                       coming=lambda: holder["service"].uploading + holder["service"].working - len(
-                           model.batcher.queue) - model.batcher.in_pass)
-    holder["service"] = Service(options, model)
-    return holder["service"]
+    batcher.coming = lambda: service.uploading + service.working - len(batcher.queue) - batcher.in_pass
+    return service
 
 
 class EmbeddedServer:
