@@ -8,6 +8,7 @@ from .contract import MODES, check_attention_inputs
 from .fused_linear import fused_linear
 from .fused_linear_reference import fused_linear_reference
 from .interpreter import round_bf16_to_nearest
+from .max_pool import max_pool2d
 from .st_attention import HAS_TRITON, SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, interpreting, st_attention
 from .st_attention_reference import st_attention_reference
 from .st_attention_sdpa import st_attention_sdpa
@@ -27,6 +28,7 @@ __all__ = [
     "cls_attention_reference",
     "fused_linear",
     "fused_linear_reference",
+    "max_pool2d",
     "st_attention",
     "st_attention_reference",
     "st_attention_sdpa",

@@ -2,7 +2,7 @@
 
 Triton compiles a kernel all the way to a cubin for any NVIDIA target with the ptxas in its wheel; no
 driver is needed. For each kernel (st_attention in each mode, fused_linear in the model's three kinds of
-specialisation, cls_attention in each mode, add_layer_norm) x launch candidate x dtype
+specialisation, cls_attention's three launches, add_layer_norm, max_pool2d, spatial_cls_mean) x launch candidate x dtype
 x target, at the model's own specialisation (the arguments the launcher would pass, built by the same
 functions it uses), this records what a GPU would otherwise have to tell:
 
@@ -56,7 +56,7 @@ ATTENTION_MODES = ("joint", "spatial", "temporal")
 class Case:
     """One kernel launch to compile: which kernel, which launch configuration, which dtype."""
 
-    kernel: str  # "st_attention", "fused_linear", "cls_attention" or "add_layer_norm"
+    kernel: str  # st_attention, spatial_cls_mean, fused_linear, cls_attention, add_layer_norm, max_pool2d
     mode: str  # the attention mode, fused_linear's specialisation (LINEAR_VARIANTS), or ""
     config: tuple  # LaunchConfig; fused_linear: LinearConfig; cls_attention: LaunchConfig(BLOCK_L, BLOCK_D, warps, 1)
     dtype: str
@@ -70,6 +70,10 @@ class Case:
             tile = f"{c.block_m}x{c.block_n}x{c.block_k}"
         elif self.kernel == "cls_attention":
             tile = f"L{c.block_m}xD{c.block_n}"
+        elif self.kernel == "max_pool2d":
+            tile = f"P{c.block_m}xC{c.block_n}"
+        elif self.kernel == "spatial_cls_mean":
+            tile = f"T{c.block_m}xD{c.block_n}"
         else:
             tile = f"D{c.block_m}"
         return f"{self.kernel}{'-' + self.mode if self.mode else ''} {tile} w{c.num_warps} s{c.num_stages} {self.dtype}"
@@ -137,17 +141,22 @@ def linear_cases(config: STTConfig, dtypes: Sequence[str]) -> list[Case]:
             for c in candidate_table(dtype)]
 
 
-def cls_attention_cases(config: STTConfig, dtypes: Sequence[str]) -> list[Case]:
-    from .cls_attention import launch_shape
+# cls_attention's three launches (the grid, not the mode, differs between modes): partials first
+CLS_LAUNCHES = ("partials", "query", "combine")
 
-    shape = launch_shape(config.embed_dim, config.head_dim)
-    tile = LaunchConfig(shape["BLOCK_L"], shape["BLOCK_D"], shape["num_warps"], 1)
-    return [Case("cls_attention", mode, tile, dtype) for mode in ("spatial", "joint") for dtype in dtypes]
+
+def cls_attention_cases(config: STTConfig, dtypes: Sequence[str]) -> list[Case]:
+    from .cls_attention import BLOCK_L, launch_shape
+
+    shape = launch_shape(config.embed_dim, config.head_dim, config.num_heads)
+    tile = LaunchConfig(BLOCK_L, shape["BLOCK_D"], shape["num_warps"], 1)
+    return [Case("cls_attention", launch, tile, dtype) for launch in CLS_LAUNCHES for dtype in dtypes]
 
 
 def _linear_signature(case: Case, config: STTConfig, dtype: torch.dtype):
     from .fused_linear import _fused_linear_kernel
     from .fused_linear import launch_arguments as linear_arguments
+    from .fused_linear_configs import statistics_tile
 
     dim, length = config.embed_dim, config.num_tokens
     hidden = int(dim * config.mlp_ratio)
@@ -170,23 +179,59 @@ def _linear_signature(case: Case, config: STTConfig, dtype: torch.dtype):
                                     cls_period=length if case.mode == "residual-cls" else 0,
                                     tokens=length if case.mode == "tokens" else 0)
     c = case.config
-    kwargs |= dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, num_warps=c.num_warps,
-                   num_stages=c.num_stages)
+    kwargs |= dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, STATS_K=statistics_tile(c, case.dtype),
+                   num_warps=c.num_warps, num_stages=c.num_stages)
     return _fused_linear_kernel, args, kwargs
 
 
 def _cls_signature(case: Case, config: STTConfig, dtype: torch.dtype):
-    from .cls_attention import _cls_attention_kernel
     from .cls_attention import launch_arguments as cls_arguments
 
     dim = config.embed_dim
     x = torch.empty(1, config.num_tokens, dim, dtype=dtype)
     vector = torch.empty(dim, dtype=dtype)
-    args, kwargs = cls_arguments(x, vector, vector.clone(), config.layer_norm_eps,
-                                 torch.empty(3 * dim, dim, dtype=dtype), torch.empty(3 * dim, dtype=dtype),
-                                 torch.empty(1, dim, dtype=dtype), num_heads=config.num_heads,
-                                 num_frames=config.num_frames, mode=case.mode)
-    return _cls_attention_kernel, args, kwargs
+    launches = cls_arguments(x, vector, vector.clone(), config.layer_norm_eps, torch.empty(3 * dim, dim, dtype=dtype),
+                             torch.empty(3 * dim, dtype=dtype), torch.empty(1, dim, dtype=dtype),
+                             num_heads=config.num_heads, num_frames=config.num_frames, mode="spatial")
+    kernel, _, args, kwargs = launches[("query", "partials", "combine").index(case.mode)]
+    return kernel, args, kwargs
+
+
+def cls_mean_cases(config: STTConfig, dtypes: Sequence[str]) -> list[Case]:
+    from .st_attention import frames_padded
+
+    tile = LaunchConfig(frames_padded(config.num_frames), config.head_dim, 4, 1)
+    return [Case("spatial_cls_mean", "", tile, dtype) for dtype in dtypes]
+
+
+def _cls_mean_signature(config: STTConfig, dtype: torch.dtype):
+    from .st_attention import _spatial_cls_mean_kernel, frames_padded
+
+    heads, head_dim = config.num_heads, config.head_dim
+    parts = torch.empty(heads, config.num_frames, head_dim, dtype=torch.float32)
+    out = torch.empty(1, config.num_tokens, heads, head_dim, dtype=dtype)
+    return _spatial_cls_mean_kernel, [parts, out, out.stride(0), out.stride(2), heads, config.num_frames], dict(
+        HEAD_DIM=head_dim, T_PAD=frames_padded(config.num_frames))
+
+
+def max_pool_cases(config: STTConfig, dtypes: Sequence[str]) -> list[Case]:
+    from .max_pool import BLOCK_C, BLOCK_P
+
+    return [Case("max_pool2d", "", LaunchConfig(BLOCK_P, BLOCK_C, 4, 1), dtype) for dtype in dtypes]
+
+
+def _max_pool_signature(config: STTConfig, dtype: torch.dtype):
+    from .max_pool import _max_pool2d_kernel
+
+    side = config.image_size // 2  # the stem's output, channels_last, as the program runs it
+    x = torch.empty(config.num_frames, config.backbone_width, side, side, dtype=dtype).contiguous(
+        memory_format=torch.channels_last)
+    out = torch.empty(config.num_frames, config.backbone_width, side // 2, side // 2, dtype=dtype).contiguous(
+        memory_format=torch.channels_last)
+    c = max_pool_cases(config, ["fp16"])[0].config
+    args = [x, out, x.shape[1], side, side, side // 2, side // 2, out.numel() // x.shape[1], *x.stride(), *out.stride()]
+    return _max_pool2d_kernel, args, dict(KERNEL=3, STRIDE=2, PAD=1, WIDE=False, BLOCK_P=c.block_m,
+                                          BLOCK_C=c.block_n)
 
 
 def _launch_signature(case: Case, config: STTConfig):
@@ -209,6 +254,10 @@ def _launch_signature(case: Case, config: STTConfig):
         return _linear_signature(case, config, dtype)
     if case.kernel == "cls_attention":
         return _cls_signature(case, config, dtype)
+    if case.kernel == "max_pool2d":
+        return _max_pool_signature(config, dtype)
+    if case.kernel == "spatial_cls_mean":
+        return _cls_mean_signature(config, dtype)
     from .add_layer_norm import _add_layer_norm_kernel, launch_arguments
 
     rows = torch.empty(config.num_tokens, config.embed_dim, dtype=dtype)
@@ -318,7 +367,7 @@ def run(config: STTConfig, targets: Sequence[str] = tuple(TARGETS), dtypes: Sequ
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise ValueError("ahead-of-time compiles need the real Triton compiler: unset TRITON_INTERPRET")
     cases = (attention_cases(config, dtypes) + linear_cases(config, dtypes) + cls_attention_cases(config, dtypes)
-             + layer_norm_cases(config, dtypes))
+             + layer_norm_cases(config, dtypes) + max_pool_cases(config, dtypes) + cls_mean_cases(config, dtypes))
     jobs = [(case, target, config.to_json()) for target in targets for case in cases]
     workers = workers or max(1, min(len(jobs), os.cpu_count() or 1))
     # A fresh Triton cache: a cached kernel is not compiled again, and then ptxas reports nothing.

@@ -3,7 +3,7 @@
     out = residual + act(LayerNorm(a) @ weight^T + bias)
 
 each step optional (fused_linear_reference.py states them exactly): the LayerNorm of the input rows
-(prologue: statistics in float32 over K, the normalised tile rounded to a's dtype before the product, as a
+(prologue: statistics in float32 over K in one pass, the normalised tile rounded to a's dtype before the product, as a
 separate LayerNorm would leave it), the bias (a vector, or a table indexed by the row within each clip:
 the position embeddings), GELU in its erf form, the residual add (cls rows optionally keep the residual:
 STT's temporal branch), and the output dtype (float32 logits from a half-precision head).
@@ -31,7 +31,7 @@ import torch
 from torch._subclasses.fake_tensor import is_fake
 
 from .add_layer_norm import _rows
-from .fused_linear_configs import LinearConfig, candidate_table, candidates
+from .fused_linear_configs import LinearConfig, candidate_table, candidates, statistics_tile
 from .fused_linear_reference import fused_linear_reference
 from .st_attention import (
     _DISK_CACHE,
@@ -57,7 +57,8 @@ if HAS_TRITON:
                              HAS_BIAS: tl.constexpr, BIAS_TABLE: tl.constexpr, NORM: tl.constexpr,
                              GELU: tl.constexpr, HAS_RES: tl.constexpr, SKIP_CLS: tl.constexpr,
                              TOKENS: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
-                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, M_BUCKET):
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                             STATS_K: tl.constexpr, M_BUCKET):
         # M_BUCKET is read by no instruction: it keys the autotuner on the row count's bucket.
         pid = tl.program_id(0)
         n_tiles = tl.cdiv(N, BLOCK_N)
@@ -75,20 +76,22 @@ if HAS_TRITON:
         col_ok = cols < N
         offs_k = tl.arange(0, BLOCK_K)
         a_base = A + a_rows[:, None] * stride_am
-        if NORM:  # the rows' statistics, centred (two passes over K: no cancellation from E[x^2] - E[x]^2)
-            total = tl.zeros([BLOCK_M], tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                ks = k0 + offs_k
-                x = tl.load(a_base + ks[None, :], mask=a_ok[:, None] & (ks < K)[None, :], other=0.0)
-                total += tl.sum(x.to(tl.float32), 1)
-            mean = total / K
+        if NORM:  # the rows' statistics in one pass: each K tile's mean and centred sum of squares, merged
+            # into the running ones (Chan et al.): no cancellation from E[x^2] - E[x]^2, one read of the rows
+            mean = tl.zeros([BLOCK_M], tl.float32)
             squares = tl.zeros([BLOCK_M], tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                ks = k0 + offs_k
+            offs_s = tl.arange(0, STATS_K)  # a wider step than the product's: fewer dependent reads
+            for k0 in range(0, K, STATS_K):
+                ks = k0 + offs_s
                 k_ok = ks < K
-                x = tl.load(a_base + ks[None, :], mask=a_ok[:, None] & k_ok[None, :], other=0.0)
-                centred = tl.where(k_ok[None, :], x.to(tl.float32) - mean[:, None], 0.0)
-                squares += tl.sum(centred * centred, 1)
+                x = tl.load(a_base + ks[None, :], mask=a_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+                seen = tl.minimum(k0, K).to(tl.float32)
+                taken = tl.minimum(K - k0, STATS_K).to(tl.float32)
+                tile_mean = tl.sum(x, 1) / taken
+                centred = tl.where(k_ok[None, :], x - tile_mean[:, None], 0.0)
+                delta = tile_mean - mean
+                mean += delta * (taken / (seen + taken))
+                squares += tl.sum(centred * centred, 1) + delta * delta * (seen * taken / (seen + taken))
             rstd = 1.0 / tl.sqrt(squares / K + eps)
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         for k0 in range(0, K, BLOCK_K):
@@ -120,9 +123,10 @@ if HAS_TRITON:
             acc += tl.load(RES + rows[:, None] * stride_rm + cols[None, :], mask=tile_ok, other=0.0).to(tl.float32)
         tl.store(OUT + rows[:, None] * stride_om + cols[None, :], acc.to(OUT.dtype.element_ty), mask=tile_ok)
 
-    def _config(c: LinearConfig):
-        return triton.Config({"BLOCK_M": c.block_m, "BLOCK_N": c.block_n, "BLOCK_K": c.block_k},
-                             num_warps=c.num_warps, num_stages=c.num_stages)
+    def _config(c: LinearConfig, dtype_name: str):
+        return triton.Config({"BLOCK_M": c.block_m, "BLOCK_N": c.block_n, "BLOCK_K": c.block_k,
+                              "STATS_K": statistics_tile(c, dtype_name)}, num_warps=c.num_warps,
+                             num_stages=c.num_stages)
 
     def _prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
@@ -137,7 +141,7 @@ if HAS_TRITON:
         if dtype_name not in _TUNED:
             timing = {"do_bench": _untimed} if interpreting() else {}
             _TUNED[dtype_name] = triton.autotune(
-                configs=[_config(c) for c in candidate_table(dtype_name)], key=list(AUTOTUNE_KEY),
+                configs=[_config(c, dtype_name) for c in candidate_table(dtype_name)], key=list(AUTOTUNE_KEY),
                 prune_configs_by={"early_config_prune": _prune}, **_DISK_CACHE, **timing)(_fused_linear_kernel)
         return _TUNED[dtype_name]
 
@@ -150,6 +154,18 @@ def _linear_dtype(t) -> str:
 def _launch_config(config) -> LinearConfig:
     k = config.kwargs
     return LinearConfig(k["BLOCK_M"], k["BLOCK_N"], k["BLOCK_K"], config.num_warps, config.num_stages)
+
+
+def planned_grid(rows: int, n: int, k: int, norm: bool, dtype_name: str,
+                 capability: tuple[int, int]) -> tuple[int, int, int]:
+    """(programs, longest, total) of one launch as stt_fast.launch_plan models it: the grid of the first
+    fitting candidate on that target (the autotuner may take another on the GPU), and the chain of dependent
+    memory reads in a program, the same in every program: the prologue's statistics pass (its loads are not
+    software-pipelined: each step a round trip), then the pipelined main loop (one)."""
+    config = candidates(rows, n, k, capability, dtype_name)[0]
+    programs = -(-rows // config.block_m) * -(-n // config.block_n)
+    chain = 1 + (-(-k // statistics_tile(config, dtype_name)) if norm else 0)
+    return programs, chain, programs * chain
 
 
 def m_bucket(rows: int) -> int:
@@ -234,7 +250,8 @@ def _fused_linear(a, weight, bias, norm_weight, norm_bias, eps, gelu, residual, 
     else:
         kernel = _fused_linear_kernel
         kwargs.update(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-                      num_warps=config.num_warps, num_stages=config.num_stages)
+                      STATS_K=statistics_tile(config, _linear_dtype(a)), num_warps=config.num_warps,
+                      num_stages=config.num_stages)
 
     def grid(meta):
         return (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)

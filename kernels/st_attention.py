@@ -16,14 +16,16 @@ fp16, from `stt-fast kernels aot` (benchmarks/results/kernels-aot/); no GPU has 
   regime, where the long key loop is what the pipeline overlaps. 128 x 64 tiles, 8 warps, 3 stages:
   120 registers and wgmma on sm_90, 144-146 registers and mma.sync on sm_80-89, 48-64 KiB of shared
   memory, no spills anywhere; 7 programs per head.
-- spatial: T groups of 1 + N keys per (b, h) (cls + one frame; 50 keys). Program 1 + t * tiles + i
+- spatial: T groups of 1 + N keys per (b, h) (cls + one frame; 50 keys). Program t * tiles + i
   takes frame t's patch rows [i * BLOCK_M, ...) against the cls key and the frame's N keys; the row
   of key j is 0 for j = 0 and 1 + t * N + (j - 1) otherwise, so the cls token is read in place for
-  every frame, never copied. Program 0 is the cls program: it attends the cls query to each frame's
-  keys in turn (a 16-row tile of the repeated cls query, CLS_BLOCK_M) and stores the mean over
-  frames, so the mean needs no second launch and no atomics. One 64 x 64 tile covers a frame's 49
-  queries and 50 keys, so the online softmax runs once: 4 warps, 1 stage (nothing to pipeline),
-  128 registers and wgmma on sm_90, 137-147 and mma.sync on sm_80-89, 24 KiB of shared memory.
+  every frame, never copied. The cls row is the mean over frames of the cls query attending each
+  frame: a frame's first tile also attends the cls query to its keys (a 16-row tile of the repeated
+  cls query, CLS_BLOCK_M; the keys are already in cache) and writes that share in float32, and a
+  second launch of B * H programs averages the T shares (_spatial_cls_mean_kernel). The first plan
+  gave the cls row a program of its own that visited the 16 frames one after another: a chain of 16
+  dependent reads, 2-3x any other program's time (issue 31). One 64 x 64 tile covers a frame's 49
+  queries and 50 keys, so the online softmax runs once: 4 warps, 1 stage (nothing to pipeline).
 - temporal: N groups of T keys per (b, h) (one grid position across frames; 16 keys). A tile of
   BLOCK_M >= T_PAD rows (T rounded up to a power of two) packs BLOCK_M // T_PAD grid positions: row r is
   frame r % T_PAD of position pid * PACK + r // T_PAD, a gather with stride N rows, and the score tile
@@ -153,23 +155,34 @@ if HAS_TRITON:
                  mask=q_valid[:, None])
 
     @triton.jit
-    def _spatial_cls_row(q_base, k_base, v_base, o_base, stride_ql, stride_qd, stride_kl, stride_kd,
-                         stride_vl, stride_vd, T, N, qk_scale,
-                         CLS_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-                         DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
-        """The cls row of spatial mode: the mean over frames of the cls query attending {cls} + frame t."""
+    def _spatial_cls_frame(q_base, k_base, v_base, c_frame, stride_ql, stride_qd, stride_kl, stride_kd,
+                           stride_vl, stride_vd, frame, N, qk_scale,
+                           CLS_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                           DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
+        """The cls query attending {cls} + frame `frame`, stored in float32 at c_frame [HEAD_DIM] (the
+        frame's share of the cls row; _spatial_cls_mean_kernel averages them). tl.dot needs 16 rows: the
+        cls query is repeated CLS_BLOCK times and row 0 is stored."""
         offs_d = tl.arange(0, HEAD_DIM)
         rows = tl.arange(0, CLS_BLOCK)
         q = tl.load(q_base + (rows * 0)[:, None] * stride_ql + offs_d[None, :] * stride_qd)
         if DOT_FP32:
             q = q.to(tl.float32)
-        total = tl.zeros([CLS_BLOCK, HEAD_DIM], tl.float32)
-        for t in range(0, T):
-            total += _attend_group(q, k_base, v_base, stride_kl, stride_kd, stride_vl, stride_vd,
-                                   1 + t * N, 1, N + 1, qk_scale,
-                                   True, CLS_BLOCK, BLOCK_N, HEAD_DIM, DOT_FP32, PRECISION)
-        tl.store(o_base + (rows * 0)[:, None] + offs_d[None, :], (total / T).to(o_base.dtype.element_ty),
-                 mask=(rows == 0)[:, None])
+        out = _attend_group(q, k_base, v_base, stride_kl, stride_kd, stride_vl, stride_vd,
+                            1 + frame * N, 1, N + 1, qk_scale,
+                            True, CLS_BLOCK, BLOCK_N, HEAD_DIM, DOT_FP32, PRECISION)
+        tl.store(c_frame + (rows * 0)[:, None] + offs_d[None, :], out, mask=(rows == 0)[:, None])
+
+    @triton.jit
+    def _spatial_cls_mean_kernel(C, O, stride_ob, stride_oh, H, T,
+                                 HEAD_DIM: tl.constexpr, T_PAD: tl.constexpr):
+        """The spatial cls row of one (batch, head): the mean over frames of C [B * H, T, HEAD_DIM] (float32,
+        written by the frames' first tiles), in one read."""
+        bh = tl.program_id(0).to(tl.int64)
+        t = tl.arange(0, T_PAD)
+        d = tl.arange(0, HEAD_DIM)
+        parts = tl.load(C + (bh * T + t[:, None]) * HEAD_DIM + d[None, :], mask=(t < T)[:, None], other=0.0)
+        o = O + (bh // H) * stride_ob + (bh % H) * stride_oh
+        tl.store(o + d, (tl.sum(parts, 0) / T).to(O.dtype.element_ty))
 
     @triton.jit
     def _temporal_packed(q_base, k_base, v_base, o_base, stride_ql, stride_qd, stride_kl, stride_kd,
@@ -211,7 +224,7 @@ if HAS_TRITON:
 
     @triton.jit(do_not_specialize=["BATCH_BUCKET"])
     def _st_attention_kernel(
-        Q, K, V, O,
+        Q, K, V, O, C,
         stride_qb, stride_ql, stride_qh, stride_qd,
         stride_kb, stride_kl, stride_kh, stride_kd,
         stride_vb, stride_vl, stride_vh, stride_vd,
@@ -235,19 +248,19 @@ if HAS_TRITON:
         o_base = O + b * stride_ob + h * stride_oh
         offs_m = tl.arange(0, BLOCK_M)
 
-        if MODE == 1:  # spatial: program 0 is the cls row, then frame-major query tiles
-            if pid == 0:
-                _spatial_cls_row(q_base, k_base, v_base, o_base, stride_ql, stride_qd, stride_kl, stride_kd,
-                                 stride_vl, stride_vd, T, N, qk_scale,
-                                 CLS_BLOCK, BLOCK_N, HEAD_DIM, DOT_FP32, PRECISION)
-            else:
-                tiles = tl.cdiv(N, BLOCK_M)
-                frame = (pid - 1) // tiles
-                i = ((pid - 1) % tiles) * BLOCK_M + offs_m
-                _attend_tile(q_base, k_base, v_base, o_base, stride_ql, stride_qd, stride_kl, stride_kd,
-                             stride_vl, stride_vd, stride_ol, 1 + frame * N + i, i < N,
-                             1 + frame * N, 1, N + 1, qk_scale,
-                             True, BLOCK_M, BLOCK_N, HEAD_DIM, DOT_FP32, PRECISION)
+        if MODE == 1:  # spatial: frame-major query tiles; a frame's first tile also takes the cls query
+            tiles = tl.cdiv(N, BLOCK_M)
+            frame = pid // tiles
+            tile = pid % tiles
+            i = tile * BLOCK_M + offs_m
+            _attend_tile(q_base, k_base, v_base, o_base, stride_ql, stride_qd, stride_kl, stride_kd,
+                         stride_vl, stride_vd, stride_ol, 1 + frame * N + i, i < N,
+                         1 + frame * N, 1, N + 1, qk_scale,
+                         True, BLOCK_M, BLOCK_N, HEAD_DIM, DOT_FP32, PRECISION)
+            if tile == 0:
+                _spatial_cls_frame(q_base, k_base, v_base, C + (bh.to(tl.int64) * T + frame) * HEAD_DIM,
+                                   stride_ql, stride_qd, stride_kl, stride_kd, stride_vl, stride_vd, frame, N,
+                                   qk_scale, CLS_BLOCK, BLOCK_N, HEAD_DIM, DOT_FP32, PRECISION)
         elif MODE == 2:  # temporal
             if BLOCK_M >= T_PAD:  # BLOCK_M // T_PAD whole grid positions per tile, one softmax pass
                 _temporal_packed(q_base, k_base, v_base, o_base, stride_ql, stride_qd, stride_kl, stride_kd,
@@ -340,10 +353,31 @@ def programs_per_head(mode: str, length: int, frames: int, patches: int, block_m
     if mode == "joint":
         return triton.cdiv(length, block_m)
     if mode == "spatial":
-        return 1 + frames * triton.cdiv(patches, block_m)
+        return frames * triton.cdiv(patches, block_m)
     if block_m >= frames_padded(frames):  # packed: block_m // T_PAD positions per program
         return triton.cdiv(patches, block_m // frames_padded(frames))
     return patches * triton.cdiv(frames, block_m)
+
+
+def planned_grid(mode: str, batch: int, heads: int, length: int, frames: int, patches: int, dtype_name: str,
+                 capability: tuple[int, int]) -> tuple[int, int, int]:
+    """(programs, longest, total) of the attention launch as stt_fast.launch_plan models it: the grid of the
+    launch table's first candidate on that target (the autotuner may take another on the GPU), and the chains
+    of dependent memory reads: the longest in one program and their sum over programs. A streamed key loop is
+    software-pipelined (one); a spatial frame's first tile also attends the cls query to the frame (two).
+    Spatial mode adds the cls mean (spatial_cls_mean_launch)."""
+    config = candidates(mode, length, frames, patches, capability, dtype_name)[0]
+    per_head = programs_per_head(mode, length, frames, patches, config.block_m)
+    if mode == "spatial":
+        return per_head * batch * heads, 2, (per_head + frames) * batch * heads
+    return per_head * batch * heads, 1, per_head * batch * heads
+
+
+def spatial_cls_mean_launch(batch: int, heads: int, frames: int, head_dim: int, element_size: int) -> dict:
+    """The second launch of spatial mode (the mean of the frames' float32 shares of the cls row), as
+    stt_fast.launch_plan models it."""
+    return dict(programs=batch * heads, serial=1, flops=batch * heads * frames * head_dim,
+                bytes_read=batch * heads * frames * head_dim * 4, bytes_written=batch * heads * head_dim * element_size)
 
 
 def batch_bucket(batch: int) -> int:
@@ -390,9 +424,11 @@ def kernel_arguments(shape, mode: str, dtype: torch.dtype, scale: float, *, inte
     )
 
 
-def tensor_arguments(q, k, v, out) -> list:
-    """The tensors and their strides, in the kernel's order."""
-    return [q, k, v, out, *(s for t in (q, k, v) for s in t.stride()), *out.stride()[:3]]
+def tensor_arguments(q, k, v, out, cls_frames=None) -> list:
+    """The tensors and their strides, in the kernel's order. cls_frames: spatial mode's float32 [B * H, T, Dh]
+    (each frame's share of the cls row); other modes read none (out stands in)."""
+    return [q, k, v, out, out if cls_frames is None else cls_frames, *(s for t in (q, k, v) for s in t.stride()),
+            *out.stride()[:3]]
 
 
 def _launch(q, k, v, out, shape, mode: str, scale: float, config: LaunchConfig | None = None) -> None:
@@ -406,16 +442,23 @@ def _launch(q, k, v, out, shape, mode: str, scale: float, config: LaunchConfig |
         args.update(BLOCK_M=config.block_m, BLOCK_N=config.block_n, num_warps=config.num_warps,
                     num_stages=config.num_stages)
     # B * H rides on grid axis 1 (limit 65535): very large batches go in chunks of whole clips.
+    cls_frames = (torch.empty(shape.batch * shape.heads, shape.num_frames, shape.head_dim, dtype=torch.float32,
+                              device=q.device) if mode == "spatial" else None)
     with device_guard(q):
         for b0, b1 in batch_chunks(shape.batch, shape.heads):
             bh = (b1 - b0) * shape.heads
+            chunk_frames = None if cls_frames is None else cls_frames[b0 * shape.heads:b1 * shape.heads]
 
             def grid(meta, bh=bh):
                 return (programs_per_head(mode, shape.length, shape.num_frames, shape.num_patches, meta["BLOCK_M"]),
                         bh)
 
-            kernel[grid](*tensor_arguments(*(t[b0:b1] for t in (q, k, v, out))),
+            kernel[grid](*tensor_arguments(*(t[b0:b1] for t in (q, k, v, out)), chunk_frames),
                          **{**args, "BATCH_BUCKET": batch_bucket(b1 - b0)})
+            if chunk_frames is not None:  # the cls row: the mean of the frames' shares, once they are all written
+                _spatial_cls_mean_kernel[(bh,)](chunk_frames, out[b0:b1], out.stride(0), out.stride(2), shape.heads,
+                                                shape.num_frames, HEAD_DIM=shape.head_dim,
+                                                T_PAD=frames_padded(shape.num_frames))
 
 
 def st_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, num_frames: int, mode: str,

@@ -19,7 +19,7 @@ fi
 export PYTHONPATH="$PWD/$target"
 "$python" -c "import triton; assert triton.__version__.startswith('3.6'), triton.__version__; print('[oldest triton] Triton', triton.__version__)"
 "$python" -m pytest -q -n auto -p no:cacheprovider tests/test_st_attention.py tests/test_add_layer_norm.py tests/test_fused_linear.py \
-    tests/test_cls_attention.py tests/test_kernels_aot.py -k "not the_gate_passes" -W "ignore::DeprecationWarning:triton.runtime.interpreter"
+    tests/test_cls_attention.py tests/test_max_pool.py tests/test_kernels_aot.py -k "not the_gate_passes" -W "ignore::DeprecationWarning:triton.runtime.interpreter"
 # the gate on the main GPU target, at the paper's shapes (the full matrix is committed under benchmarks/results)
 env -u TRITON_INTERPRET TRITON_CACHE_DIR="$(mktemp -d)" "$venv/bin/stt-fast" kernels aot --targets sm_90 \
     --dtypes fp16 --config paper --check --quiet > /dev/null && echo "[oldest triton] sm_90 fp16 gate passed"

@@ -37,6 +37,7 @@ class GPUSpec:
     source: str
     min_memory_gib: float = 0.0  # Jetson modules share the name "Orin": memory tells them apart
     max_memory_gib: float = 1e9
+    sms: int = 0  # streaming multiprocessors (the same datasheets; Jetson: CUDA cores / 128)
 
     def tflops(self, precision: str) -> float:
         if precision == "fp32":
@@ -47,28 +48,31 @@ class GPUSpec:
 
 
 GPUS: tuple[GPUSpec, ...] = (
-    GPUSpec("T4", r"\bT4\b", "7.5", 65.0, 8.1, 320, False, "NVIDIA T4 datasheet (65 TFLOPS mixed precision)"),
-    GPUSpec("L4", r"\bL4\b", "8.9", 121.0, 30.3, 300, True, "NVIDIA L4 datasheet (242 TFLOPS fp16 with sparsity)"),
-    GPUSpec("A10", r"\bA10\b", "8.6", 125.0, 31.2, 600, True, "NVIDIA A10 datasheet (250 TFLOPS fp16 with sparsity)"),
+    GPUSpec("T4", r"\bT4\b", "7.5", 65.0, 8.1, 320, False, "NVIDIA T4 datasheet (65 TFLOPS mixed precision)",
+            sms=40),
+    GPUSpec("L4", r"\bL4\b", "8.9", 121.0, 30.3, 300, True, "NVIDIA L4 datasheet (242 TFLOPS fp16 with sparsity)",
+            sms=58),
+    GPUSpec("A10", r"\bA10\b", "8.6", 125.0, 31.2, 600, True, "NVIDIA A10 datasheet (250 TFLOPS fp16 with sparsity)",
+            sms=72),
     GPUSpec("A100 SXM4 80GB", r"A100.*80GB", "8.0", 312.0, 19.5, 2039, True,
-            "NVIDIA A100 datasheet"),
-    GPUSpec("A100 40GB", r"A100", "8.0", 312.0, 19.5, 1555, True, "NVIDIA A100 datasheet (40GB PCIe)"),
+            "NVIDIA A100 datasheet", sms=108),
+    GPUSpec("A100 40GB", r"A100", "8.0", 312.0, 19.5, 1555, True, "NVIDIA A100 datasheet (40GB PCIe)", sms=108),
     GPUSpec("H100 SXM", r"H100.*(HBM3|SXM)", "9.0", 989.0, 67.0, 3350, True,
-            "NVIDIA H100 datasheet (1979 TFLOPS fp16 with sparsity)"),
-    GPUSpec("H100 PCIe", r"H100.*PCIe", "9.0", 756.0, 51.0, 2000, True, "NVIDIA H100 datasheet"),
-    GPUSpec("H200", r"H200", "9.0", 989.0, 67.0, 4800, True, "NVIDIA H200 datasheet"),
+            "NVIDIA H100 datasheet (1979 TFLOPS fp16 with sparsity)", sms=132),
+    GPUSpec("H100 PCIe", r"H100.*PCIe", "9.0", 756.0, 51.0, 2000, True, "NVIDIA H100 datasheet", sms=114),
+    GPUSpec("H200", r"H200", "9.0", 989.0, 67.0, 4800, True, "NVIDIA H200 datasheet", sms=132),
     GPUSpec("Jetson AGX Orin 64GB", r"Orin", "8.7", 42.5, 5.3, 204.8, True,
             "Jetson AGX Orin technical brief: GPU 170 INT8 sparse TOPS (fp16 derived: / 4; 64 tensor cores x "
-            "1.3 GHz x 512), 5.3 FP32 TFLOPS, 204.8 GB/s", min_memory_gib=40),
+            "1.3 GHz x 512), 5.3 FP32 TFLOPS, 204.8 GB/s", min_memory_gib=40, sms=16),
     GPUSpec("Jetson AGX Orin 32GB", r"Orin", "8.7", 26.7, 3.3, 204.8, True,
             "Jetson AGX Orin data sheet: 56 tensor cores x 0.93 GHz x 512 (derived), 204.8 GB/s",
-            min_memory_gib=24, max_memory_gib=40),
+            min_memory_gib=24, max_memory_gib=40, sms=14),
     GPUSpec("Jetson Orin NX 16GB", r"Orin", "8.7", 15.0, 1.9, 102.4, True,
             "Jetson Orin NX data sheet: 32 tensor cores x 0.918 GHz x 512 (derived), 102.4 GB/s",
-            min_memory_gib=12, max_memory_gib=24),
+            min_memory_gib=12, max_memory_gib=24, sms=8),
     GPUSpec("Jetson Orin Nano 8GB (Super)", r"Orin", "8.7", 16.7, 2.1, 102.0, True,
             "Jetson Orin Nano Super data sheet: 67 INT8 sparse TOPS; 32 tensor cores x 1.02 GHz x 512 (derived), "
-            "102 GB/s", max_memory_gib=12),
+            "102 GB/s", max_memory_gib=12, sms=8),
 )
 
 # Largest shared memory one block may use, per compute capability (CUDA C++ Programming Guide, "Technical

@@ -5,7 +5,8 @@ and sends back the folder it writes (SUMMARY.md first). Items, each passed, fail
 reason:
 
     kernels        st_attention (every mode x dtype x head dim; whole output, worst row, cls rows),
-                   fused_linear (the model's specialisations), cls_attention and add_layer_norm on the
+                   fused_linear (the model's specialisations), cls_attention (planned and single splits),
+                   add_layer_norm and max_pool2d on the
                    device against float64 references, and on a GPU every candidate of the launch tables
                    forced once at the paper's shape (batch 2, 8 heads); on a CPU, the small shapes through
                    Triton's interpreter (a subprocess)
@@ -75,7 +76,7 @@ KERNEL_CHECK = r"""
 import importlib, json, sys, torch
 from stt_fast.accuracy import assert_kernel_close
 from stt_fast.kernels import (add_layer_norm, add_layer_norm_reference, cls_attention, cls_attention_reference,
-                              fused_linear_reference, st_attention, st_attention_reference)
+                              fused_linear_reference, max_pool2d, st_attention, st_attention_reference)
 from stt_fast.kernels.fused_linear import _fused_linear
 from stt_fast.kernels.fused_linear_configs import candidate_table as linear_table
 from stt_fast.kernels.st_attention_configs import candidate_table, fitting
@@ -148,11 +149,16 @@ for dtype in (torch.float16, torch.bfloat16, torch.float32):
     wqkv, bqkv = torch.randn(3 * d, d, dtype=dtype, device=device) * d ** -0.5 * 2, torch.randn(3 * d, dtype=dtype,
                                                                                                  device=device)
     for mode in ("spatial", "joint"):
-        out = cls_attention(x, g, nb, 1e-6, wqkv, bqkv, num_heads=heads, num_frames=t, mode=mode)
         ref = cls_attention_reference(*(v.cpu().double() for v in (x, g, nb)), 1e-6, wqkv.cpu().double(),
                                       bqkv.cpu().double(), num_heads=heads, num_frames=t, mode=mode)
-        check(out, ref, dtype, f"cls_attention {mode} {str(dtype)[6:]}")
-        linear_checks += 1
+        for splits in (None, 1):  # the device's split plan, and one program per softmax group
+            out = cls_attention(x, g, nb, 1e-6, wqkv, bqkv, num_heads=heads, num_frames=t, mode=mode, splits=splits)
+            check(out, ref, dtype, f"cls_attention {mode} {str(dtype)[6:]} splits {splits or 'planned'}")
+            linear_checks += 1
+    # the max-pool without indices: a max is exact, so bit-equal to PyTorch's on the same device
+    stem = (torch.randn(2 * t, 64, 56 if full else 11, 56 if full else 9, device=device) * 3).to(dtype).to(
+        memory_format=torch.channels_last)
+    assert torch.equal(max_pool2d(stem, 3, 2, 1), torch.nn.functional.max_pool2d(stem, 3, 2, 1)), f"max_pool2d {dtype}"
 candidates = 0
 if full:  # every candidate of the launch tables, forced, at the paper's shape (batch 2, 8 heads)
     for dtype, name in ((torch.float16, "fp16"), (torch.float32, "fp32")):
@@ -207,9 +213,9 @@ def item_kernels(device: torch.device, out: Path, config: STTConfig, quick: bool
         forced += (", the cuDNN conv+bias+ReLU(+add) routes against the unfused ops (over freed memory poisoned "
                    "with NaN)")
     return (f"{report['checked']} st_attention checks (3 modes x fp16/bf16/fp32 x head dims 16-128; whole output, "
-            f"worst row and cls rows), {report['linear_checks']} fused_linear and cls_attention checks and "
-            f"add_layer_norm {where}{forced}; largest relative error {worst[1]:.1e} "
-            f"({worst[0]}); inputs drawn with seed {seed} (--seed replays them)")
+            f"worst row and cls rows), {report['linear_checks']} fused_linear and cls_attention checks, "
+            f"add_layer_norm and max_pool2d (bit-equal to PyTorch's) {where}{forced}; largest relative error "
+            f"{worst[1]:.1e} ({worst[0]}); inputs drawn with seed {seed} (--seed replays them)")
 
 
 def item_cuda_graphs(device: torch.device, out: Path, config: STTConfig, quick: bool) -> str:
@@ -351,7 +357,7 @@ def item_launch_plan(device: torch.device, out: Path, config: STTConfig, quick: 
     import stt_fast
 
     from .bounds import gpu_spec
-    from .launch_plan import LAUNCH_FLOOR_US, forward_launches, modelled_microseconds
+    from .launch_plan import LAUNCH_FLOOR_US, compare_kernels, forward_launches, modelled_microseconds
 
     model = _model(config).to(device)
     compiled = stt_fast.compile(model, device=device, backend="triton", dtype=torch.float16, cuda_graphs=False,
@@ -373,15 +379,20 @@ def item_launch_plan(device: torch.device, out: Path, config: STTConfig, quick: 
         kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
         device_us = sum(e.device_time_total for e in kernels)
         modelled = (modelled_microseconds(planned, spec.name, "fp16", 0.0) if spec else None)
+        families = (compare_kernels(planned, [(e.name, e.device_time_total) for e in kernels], spec, "fp16")
+                    if spec else [])
         rows.append({"batch": batch, "planned_launches": len(planned), "measured_kernels": len(kernels),
-                     "measured_kernel_us": round(device_us, 1),
-                     "modelled_roofline_us_without_floor": None if modelled is None else round(modelled, 1),
+                     "measured_kernel_us": round(device_us, 1), "per_kernel": families,
+                     "modelled_us_without_floor": None if modelled is None else round(modelled, 1),
                      "launch_floor_us_assumed": LAUNCH_FLOOR_US["graph"],
                      "planned": Counter(x.op for x in planned).most_common(),
                      "measured": Counter(e.name for e in kernels).most_common(60)})
-        model_text = f", {modelled:.0f} µs of roofline time modelled" if modelled is not None else ""
+        model_text = f", {modelled:.0f} µs modelled" if modelled is not None else ""
+        off = [f"{r['family'].removeprefix('stt_fast.')} {r['measured_over_modelled']}x" for r in families
+               if r["measured_over_modelled"] is not None and not 0.5 <= r["measured_over_modelled"] <= 2]
+        off_text = f"; measured/modelled beyond 2x: {', '.join(off)}" if off else ""
         lines.append(f"batch {batch}: {len(kernels)} kernels measured vs {len(planned)} launches planned, "
-                     f"{device_us:.0f} µs of kernel time{model_text}")
+                     f"{device_us:.0f} µs of kernel time{model_text}{off_text}")
     write_text_atomic(out / "launch-plan.json", json.dumps({"gpu": props.name, "rows": rows}, indent=1))
     return "; ".join(lines) + " (eager kernels, CUDA graphs off; details in launch-plan.json)"
 

@@ -44,6 +44,7 @@ def kernel_device(monkeypatch):
     layer_norm = importlib.import_module("stt_fast.kernels.add_layer_norm")
     linear = importlib.import_module("stt_fast.kernels.fused_linear")
     cls = importlib.import_module("stt_fast.kernels.cls_attention")
+    pool = importlib.import_module("stt_fast.kernels.max_pool")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu" and not attention.interpreting():
         pytest.fail("the Triton kernels can run here neither on a GPU nor through TRITON_INTERPRET=1")
@@ -55,4 +56,5 @@ def kernel_device(monkeypatch):
     monkeypatch.setattr(layer_norm, "add_layer_norm_reference", no_fallback)
     monkeypatch.setattr(linear, "fused_linear_reference", no_fallback)
     monkeypatch.setattr(cls, "cls_attention_reference", no_fallback)
+    monkeypatch.setattr(pool, "max_pool2d_reference", no_fallback)
     return device

@@ -5,6 +5,7 @@ st_attention_reference), in float64, on misaligned shapes."""
 import pytest
 import torch
 from stt_fast.kernels import cls_attention, cls_attention_reference
+from stt_fast.kernels.cls_attention import BLOCK_L, COMBINE_ROWS, combine_steps, split_plan
 
 from stt_fast.accuracy import assert_kernel_close
 
@@ -23,17 +24,47 @@ def _case(device, dt, batch, frames, patches, dim):
 
 @pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
 @pytest.mark.parametrize("mode", ["spatial", "joint"])
-@pytest.mark.parametrize("frames,patches,dim,heads", [(3, 5, 64, 4), (2, 37, 32, 2)],
-                         ids=["T3-N5-D64-H4", "T2-N37-D32-H2"])
-def test_matches_the_full_attentions_cls_row(kernel_device, dtype, mode, frames, patches, dim, heads):
-    """N = 37 spans more than one token tile per frame (the online softmax across tiles)."""
+@pytest.mark.parametrize("frames,patches,dim,heads", [(3, 5, 64, 4), (2, 37, 32, 2), (2, 40, 48, 3)],
+                         ids=["T3-N5-D64-H4", "T2-N37-D32-H2", "T2-N40-D48-H3"])
+@pytest.mark.parametrize("splits", [1, 3], ids=["one-split", "three-splits"])
+def test_matches_the_full_attentions_cls_row(kernel_device, dtype, mode, frames, patches, dim, heads, splits):
+    """N = 37 spans more than one token tile per frame (the online softmax across tiles); D = 48 and H = 3
+    pad the row and the heads; three splits per group are merged in the combine step (runs of 2, 2 and 1
+    tokens at N = 5, 13, 13 and 11 at N = 37)."""
     dt = DTYPES[dtype]
     x, g, b, w, bias = _case(kernel_device, dt, 3, frames, patches, dim)
-    out = cls_attention(x, g, b, 1e-6, w, bias, num_heads=heads, num_frames=frames, mode=mode)
+    out = cls_attention(x, g, b, 1e-6, w, bias, num_heads=heads, num_frames=frames, mode=mode, splits=splits)
     ref = cls_attention_reference(*(t.cpu().double() for t in (x, g, b)), 1e-6, w.cpu().double(),
                                   bias.cpu().double(), num_heads=heads, num_frames=frames, mode=mode)
     assert out.shape == (3, dim) and out.dtype == dt
     assert_kernel_close(out, ref, dt)
+
+
+@pytest.mark.parametrize("batch,groups,count,programs,expected", [
+    (1, 1, 784, 264, (98, 8)),  # paper-joint at batch 1 on an H100: every 8-token tile its own program
+    (1, 16, 49, 264, (7, 8)),  # paper, spatial: seven tiles per frame, seven programs (112 in all)
+    (64, 16, 49, 264, (1, 56)),  # batch 64 covers the GPU with one program per frame
+    (8, 1, 784, 132, (20, 40)),  # five tiles per program: 20 splits of 40 tokens (the last 24)
+    (1, 1, 5, 1000, (1, 8)),  # never an empty split
+])
+def test_split_plan_covers_the_gpu_with_whole_tiles(batch, groups, count, programs, expected):
+    splits, chunk = split_plan(batch, groups, count, programs)
+    assert (splits, chunk) == expected
+    assert chunk % BLOCK_L == 0 and (splits - 1) * chunk < count <= splits * chunk
+    assert batch * groups * splits >= programs or chunk == BLOCK_L, "fewer programs only when tiles run out"
+
+
+@pytest.mark.parametrize("frames,patches,mode,splits", [(20, 3, "spatial", 2), (2, 300, "joint", 20)],
+                         ids=["groups-past-one-block", "splits-past-one-block"])
+def test_the_combine_reads_partials_in_blocks(kernel_device, frames, patches, mode, splits):
+    """More groups (20) or splits (20) than the combine reads at once (16): two blocks, in each order."""
+    assert combine_steps(frames if mode == "spatial" else 1, splits)[0] == (mode == "spatial")
+    assert max(frames, splits) > COMBINE_ROWS
+    x, g, b, w, bias = _case(kernel_device, torch.float32, 2, frames, patches, 32)
+    out = cls_attention(x, g, b, 1e-6, w, bias, num_heads=2, num_frames=frames, mode=mode, splits=splits)
+    ref = cls_attention_reference(*(t.cpu().double() for t in (x, g, b)), 1e-6, w.cpu().double(),
+                                  bias.cpu().double(), num_heads=2, num_frames=frames, mode=mode)
+    assert_kernel_close(out, ref, torch.float32)
 
 
 def test_the_reference_is_the_models_own_attention():

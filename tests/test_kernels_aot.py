@@ -72,7 +72,12 @@ def test_the_gate_passes_for_every_candidate_the_tables_can_choose(gate):
         else:
             assert c["tensor_cores"] != "none", (c["target"], c["case"]["name"])
     cls = [c for c in report["compiles"] if c["case"]["kernel"] == "cls_attention"]
-    assert len(cls) == 2 * 2 * len(GATE_TARGETS) and all(c["problems"] == [] for c in cls)
+    assert len(cls) == 3 * 2 * len(GATE_TARGETS) and all(c["problems"] == [] for c in cls)
+    assert all(c["spill_stores"] == c["spill_loads"] == 0 and c["tf32_instructions"] == 0 for c in cls)
+    pool = [c for c in report["compiles"] if c["case"]["kernel"] == "max_pool2d"]
+    assert len(pool) == 2 * len(GATE_TARGETS) and all(c["problems"] == [] for c in pool)
+    mean = [c for c in report["compiles"] if c["case"]["kernel"] == "spatial_cls_mean"]
+    assert len(mean) == 2 * len(GATE_TARGETS) and all(c["problems"] == [] for c in mean)
 
 
 @pytest.mark.slow
@@ -185,4 +190,4 @@ for case in (aot.Case("st_attention", "spatial", aot.LaunchConfig(64, 64, 4, 1),
     assert lines == ["st_attention spatial [['i64'], ['i64'], ['i64'], ['i64']]",
                      "st_attention temporal [['i64'], ['i64'], ['i64'], ['i64']]",
                      "add_layer_norm  [['i64']]", "fused_linear norm-gelu [['i64']]",
-                     "cls_attention spatial [['i64']]"], result.stdout
+                     "cls_attention partials [['i64']]"], result.stdout

@@ -165,6 +165,13 @@ def test_candidates_fit_the_groups(mode, block_m, dtype):
         assert tiny and all(c.block_m == 16 and c.block_n == 16 for c in tiny)
 
 
+def test_spatial_programs_are_frame_tiles_only():
+    """No program of its own for the cls row (it visited every frame in turn): each frame's tiles, the first
+    of which also attends the cls query (the mean over frames is a second launch)."""
+    assert impl.programs_per_head("spatial", 785, 16, 49, 64) == 16
+    assert impl.programs_per_head("spatial", 785, 16, 49, 32) == 32
+
+
 @pytest.mark.parametrize("frames,patches,block_m,programs", [
     (16, 49, 64, 13),  # the paper's temporal plan: 4 positions per 64-row tile
     (16, 49, 16, 49),  # one position per tile

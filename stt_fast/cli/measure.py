@@ -202,8 +202,10 @@ def add_parsers(sub) -> None:
     kernel_sub = p.add_subparsers(dest="kernels_action", required=True, metavar="aot|plan", parser_class=Parser)
     k = kernel_sub.add_parser("plan", help="the launches, bytes and modelled time of one forward (a model, no GPU)",
                               description="Trace one steady-state forward on fake CUDA tensors and list its kernel "
-                                          "launches with their FLOPs and bytes, and the roofline time per GPU type "
-                                          "plus a per-launch floor, beside the eager reference model. A model, "
+                                          "launches with their FLOPs, bytes, grids and chains of dependent reads, and "
+                                          "the modelled time per GPU type (the roofline for the share of the SMs "
+                                          "a grid occupies, the chains' round trips, a per-launch floor), beside "
+                                          "the eager reference model. A model, "
                                           "labelled so: `stt-fast selftest` checks it against torch.profiler on a "
                                           "GPU.")
     k.add_argument("--config", type=name_list, default=["paper"], help="comma-separated presets")

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stt_fast.backbone import BasicBlock, ResNet18Trunk
+from stt_fast.kernels import max_pool2d
 
 from .conv_ops import conv_bias_relu
 
@@ -99,4 +100,7 @@ class FoldedTrunk(nn.Module):
                     torch.relu_(F.conv2d(x, self.conv1_weight_255, conv1.bias, conv1.stride, conv1.padding)))
         else:
             stem = _conv_relu(conv1, x, None, self.fused)
-        return self.layers(self.maxpool(stem))
+        # the Triton op set's max pool writes no indices (PyTorch's CUDA one always does: 4x the output's bytes)
+        pool = self.maxpool
+        pooled = max_pool2d(stem, pool.kernel_size, pool.stride, pool.padding) if self.fused else pool(stem)
+        return self.layers(pooled)
