@@ -22,9 +22,9 @@ beside the kernel). Per GPU type of stt_fast.bounds, a launch takes the per-laun
 
 so 8 programs on 132 SMs get 6% of the compute and a quarter of the bandwidth, a program that waits on 64
 reads in a row takes 64 round trips whatever its FLOPs, and thousands of programs that each wait on 17 keep
-every SM waiting. Library launches (cuBLAS, cuDNN, PyTorch's
-elementwise kernels) are taken to fill the GPU (roofline only). The launch tables' first candidate is assumed
-where the autotuner chooses, for an H100 (PLAN_CAPABILITY, PLAN_SMS).
+every SM waiting. Library launches (cuBLAS, cuDNN, PyTorch's elementwise kernels) are taken to fill the GPU
+(roofline only). The launch tables' first candidate is assumed where the autotuner chooses, for an H100
+(PLAN_CAPABILITY, PLAN_SMS).
 
 THIS IS A MODEL, NOT A MEASUREMENT. The floor, the latency, the bandwidth one SM can draw and the programs
 that overlap on an SM are assumptions (the constants below), caches are ignored (bytes are DRAM traffic as if
@@ -213,13 +213,14 @@ def _spatial_cls_mean(q: torch.Tensor, frames: int) -> Launch:
 
 
 def _cls_attention_launches(args, shape: str) -> list[Launch]:
-    from .kernels.cls_attention import planned_launches
+    from .kernels.cls_attention import PROGRAMS_PER_SM, planned_launches
 
     x, heads, frames, mode = args[0], args[6], args[7], args[8]
     batch, length, dim = x.shape
     return [Launch(f"stt_fast.{p['name']}", "attention", p["flops"], p["bytes_read"], p["bytes_written"], shape,
                    p["programs"], p["serial"], p["programs"] * p["serial"])
-            for p in planned_launches(batch, length, dim, heads, frames, mode, x.element_size(), PLAN_SMS * 2)]
+            for p in planned_launches(batch, length, dim, heads, frames, mode, x.element_size(),
+                                      PLAN_SMS * PROGRAMS_PER_SM)]
 
 
 def trace_launches(run: Callable[[], object], mode: FakeTensorMode) -> list[Launch]:

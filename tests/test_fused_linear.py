@@ -116,13 +116,15 @@ def test_every_candidate_of_the_tile_table(kernel_device, dtype):
 
 
 def test_the_one_pass_statistics_do_not_cancel(kernel_device):
-    """Rows at 100 +- 1 in float32, K = 136 (ragged K tiles): the prologue's one-pass statistics merge each
-    tile's centred sum of squares, so the variance keeps its digits; E[x^2] - E[x]^2 in float32 loses 4.5e-3
-    of it on these rows (computed in torch), 400x the float32 bound."""
+    """Rows at 30 +- 1 in float32, K = 136 (ragged K tiles): the prologue's one-pass statistics merge each
+    tile's centred sum of squares, so the variance keeps its digits; E[x^2] - E[x]^2 in float32 loses 3e-4
+    of it on these rows (computed in torch): the prologue written that way fails here at 2.7x the float32 bound
+    (tried), this one passes with 6x headroom over 30 seeds. (At 100 +- 1 the inputs' own rounding left the
+    one-pass form 2x under the row bound: a check that could fail by chance.)"""
     a, w, bias, norm = _case(kernel_device, torch.float32, 37, 136, 24)
-    a = a * 0.5 + 100.0
+    a = a * 0.5 + 30.0
     out = fused_linear(a, w, bias, norm=(*norm, EPS))
-    assert_kernel_close(out, expected(a, w, bias, norm=norm), torch.float32, "rows at 100")
+    assert_kernel_close(out, expected(a, w, bias, norm=norm), torch.float32, "rows at 30")
 
 
 BAD = {
