@@ -40,6 +40,7 @@ absorption in PyTorch ops (stt_fast/compiler/cls_attention.py).
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 from torch._subclasses.fake_tensor import is_fake
@@ -266,12 +267,17 @@ def groups_and_count(length: int, num_frames: int, mode: str) -> tuple[int, int]
 
 def workspace(batch: int, dim: int, num_heads: int, parts: int, device) -> dict[str, torch.Tensor]:
     """The float32 buffers the three launches pass on: u [B, H, D], s_0 [B, H], h_0 [B, D], and per
-    part M, LSUM [B, P, H] and ACC [B, P, H, D]."""
-    f32 = dict(dtype=torch.float32, device=device)
-    return dict(u=torch.empty(batch, num_heads, dim, **f32), s0=torch.empty(batch, num_heads, **f32),
-                h0=torch.empty(batch, dim, **f32), m=torch.empty(batch, parts, num_heads, **f32),
-                lsum=torch.empty(batch, parts, num_heads, **f32),
-                acc=torch.empty(batch, parts, num_heads, dim, **f32))
+    part M, LSUM [B, P, H] and ACC [B, P, H, D]; views of one allocation (one allocator call a forward, not
+    six), each starting on a 64-byte boundary so that the kernels keep their aligned loads."""
+    shapes = dict(u=(batch, num_heads, dim), s0=(batch, num_heads), h0=(batch, dim), m=(batch, parts, num_heads),
+                  lsum=(batch, parts, num_heads), acc=(batch, parts, num_heads, dim))
+    sizes = {name: -(-math.prod(shape) // 16) * 16 for name, shape in shapes.items()}
+    buffer = torch.empty(sum(sizes.values()), dtype=torch.float32, device=device)
+    views, start = {}, 0
+    for name, shape in shapes.items():
+        views[name] = buffer.narrow(0, start, math.prod(shape)).view(shape)
+        start += sizes[name]
+    return views
 
 
 def launch_arguments(x, norm_weight, norm_bias, eps: float, qkv_weight, qkv_bias, out, *, num_heads: int,

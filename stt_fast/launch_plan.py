@@ -68,6 +68,7 @@ RESIDENT_PROGRAMS_PER_SM = 4  # a 64 x 64 x 64 fp16 GEMM program: 48 KiB of shar
 # The target whose launch tables and SM count decide the grids of the traced launches.
 PLAN_CAPABILITY = (9, 0)
 PLAN_SMS = 132
+PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 DEFAULT_GPUS = ("H100 SXM", "A100 SXM4 80GB", "L4", "Jetson AGX Orin 64GB")
 # Operators that reach the dispatcher but launch nothing: allocations and metadata.
 NO_LAUNCH = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "lift_fresh", "detach",
@@ -170,7 +171,8 @@ class _Recorder(TorchDispatchMode):
 
 
 def _dtype_name(t: torch.Tensor) -> str:
-    return {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(t.dtype, "fp16")
+    """The precision's name of a tensor's dtype, as the launch tables know it."""
+    return {dtype: name for name, dtype in PRECISIONS.items()}[t.dtype]
 
 
 def _grid(name: str, args, kwargs) -> tuple[int | None, int, int]:
@@ -317,9 +319,8 @@ def modelled_microseconds(launches: Sequence[Launch], gpu: str, precision: str, 
     return sum(launch_microseconds(launch, spec, precision, floor_us) for launch in launches)
 
 
-def plan_row(config: STTConfig, backend: str, batch: int, precision: str, gpus: Sequence[str]) -> PlanRow:
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[precision]
-    launches = forward_launches(config, backend=backend, batch=batch, dtype=dtype)
+def plan_row(launches: Sequence[Launch], backend: str, batch: int, precision: str, gpus: Sequence[str]) -> PlanRow:
+    """One forward's totals (launches: forward_launches') and its modelled time per GPU type."""
     floor = LAUNCH_FLOOR_US["eager" if backend == "reference" else "graph"]
     return PlanRow(backend, batch, len(launches), sum(x.flops for x in launches), sum(x.bytes for x in launches),
                    dict(Counter(x.kind for x in launches)),
@@ -329,11 +330,14 @@ def plan_row(config: STTConfig, backend: str, batch: int, precision: str, gpus: 
 def launch_plan(config_name: str = "paper", *, backends: Sequence[str] = ("triton", "torch"),
                 batches: Sequence[int] = (1, 8, 64), precision: str = "fp16",
                 gpus: Sequence[str] = DEFAULT_GPUS) -> dict:
-    """The plan of config_name for each backend and batch, with the eager reference beside it: plain data
-    (JSON-able), labelled as a model."""
+    """The plan of config_name for each backend and batch, with the eager reference beside it, and every
+    launch of the first backend's first batch on the first GPU type: plain data (JSON-able), labelled as a
+    model."""
     config = get_config(config_name)
-    rows = [plan_row(config, backend, batch, precision, gpus)
-            for backend in (*backends, "reference") for batch in batches]
+    traced = {(backend, batch): forward_launches(config, backend=backend, batch=batch, dtype=PRECISIONS[precision])
+              for backend in (*backends, "reference") for batch in batches}
+    rows = [plan_row(launches, backend, batch, precision, gpus) for (backend, batch), launches in traced.items()]
+    first = (backends[0], batches[0])
     return {"kind": "launch plan (a model, not a measurement)", "config_name": config_name,
             "config": config.to_dict(), "precision": precision, "clips": "uint8, already on the GPU",
             "launch_floor_us": LAUNCH_FLOOR_US,
@@ -342,17 +346,15 @@ def launch_plan(config_name: str = "paper", *, backends: Sequence[str] = ("trito
             "gpus": list(gpus),
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "rows": [asdict(r) for r in rows],
-            "launches": {f"{backends[0]}-{batch}": launch_table(config, backends[0], batch, precision, gpus[0])
-                         for batch in batches[:1]}}
+            "launches": {"-".join(map(str, first)): launch_table(traced[first], first[0], precision, gpus[0])}}
 
 
-def launch_table(config: STTConfig, backend: str, batch: int, precision: str, gpu: str) -> list[dict]:
+def launch_table(launches: Sequence[Launch], backend: str, precision: str, gpu: str) -> list[dict]:
     """Every launch of one forward with its grid, serial chain and modelled time on one GPU type."""
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[precision]
     spec = gpu_spec(gpu)
     floor = LAUNCH_FLOOR_US["eager" if backend == "reference" else "graph"]
     return [asdict(x) | {"gpu": gpu, "modelled_us": round(launch_microseconds(x, spec, precision, floor), 2)}
-            for x in forward_launches(config, backend=backend, batch=batch, dtype=dtype)]
+            for x in launches]
 
 
 def kernel_family(name: str) -> str:
